@@ -1,0 +1,26 @@
+"""factorized_layers: tensor-decomposed drop-in layers for PyTorch.
+
+Layers store only cores and factor matrices, run their forward passes as planned
+contractions, and are built from trained dense layers with ``from_dense``.
+Importing this package does not initialise CUDA and changes no global state.
+"""
+
+from . import contract, decompose, functional, ranks
+from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
+from .layers import SVDLinear
+from .ranks import RankSpec, resolve_matrix_rank
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SVDLinear",
+    "RankSpec",
+    "TruncatedSVD",
+    "contract",
+    "decompose",
+    "functional",
+    "low_rank_factors",
+    "ranks",
+    "resolve_matrix_rank",
+    "truncated_svd",
+]
