@@ -93,3 +93,16 @@ def test_bad_inputs():
 def test_tail_error():
     assert svd_tail_error(torch.tensor([4.0, 3.0]), 1) == pytest.approx(0.6)
     assert svd_tail_error(torch.zeros(3), 1) == 0.0
+
+
+def test_randomized_path_is_seeded_and_leaves_device_rng_alone(device):
+    w = _matrix(700, 600, dtype=torch.float32).to(device)
+    rng_state = torch.cuda.get_rng_state() if device == "cuda" else torch.random.get_rng_state()
+    first = truncated_svd(w, 16, method="randomized", seed=7)
+    after = torch.cuda.get_rng_state() if device == "cuda" else torch.random.get_rng_state()
+    assert torch.equal(rng_state, after)
+    assert torch.equal(first.U, truncated_svd(w, 16, method="randomized", seed=7).U)
+    assert first.U.device.type == device
+    optimum = svd_tail_error(torch.linalg.svdvals(w.double()), 16)
+    approx = (first.U * first.S) @ first.Vh
+    assert float((approx - w).norm() / w.norm()) <= 1.01 * optimum
