@@ -7,6 +7,11 @@ contraction order says that is cheaper.
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import NamedTuple, Tuple
+
+import opt_einsum
 import torch
 import torch.nn.functional as F
 
@@ -82,3 +87,711 @@ def svd_linear(
     if svd_linear_input_first(batch, in_features, out_features, rank):
         return F.linear(F.linear(input, input_factor), output_factor, bias)
     return F.linear(input, output_factor @ input_factor, bias)
+
+
+# ---------------------------------------------------------------------------
+# Tucker linear: input viewed as (*, *in_shape), one planned contraction
+# ---------------------------------------------------------------------------
+
+
+def _tucker_structure(core: torch.Tensor, out_factors, in_factors):
+    """Mode sizes and ranks implied by the core and the (possibly folded) factors."""
+    n_out = len(out_factors)
+    out_ranks = tuple(core.shape[:n_out])
+    in_ranks = tuple(core.shape[n_out:])
+    out_shape = tuple(r if f is None else f.shape[0] for f, r in zip(out_factors, out_ranks))
+    in_shape = tuple(r if f is None else f.shape[0] for f, r in zip(in_factors, in_ranks))
+    return out_shape, in_shape, out_ranks, in_ranks
+
+
+@functools.lru_cache(maxsize=256)
+def tucker_linear_equation(out_folded: Tuple[bool, ...], in_folded: Tuple[bool, ...]) -> str:
+    """The einsum equation of a Tucker linear forward, operands in kernel order.
+
+    Operands: the input ``(b, *in_shape)``, the in-factors that are not folded,
+    the core ``(*out_ranks, *in_ranks)``, the out-factors that are not folded.
+    A folded (full-rank) mode has no factor: the core carries the mode's own index.
+
+    Examples:
+        >>> tucker_linear_equation((False,), (False,))
+        'ac,cd,bd,eb->ae'
+        >>> tucker_linear_equation((False, True), (True,))
+        'ad,bcd,eb->aec'
+    """
+    symbols = iter(
+        opt_einsum.get_symbol(i) for i in range(4 * (len(out_folded) + len(in_folded)) + 1)
+    )
+    batch = next(symbols)
+    out_rank = [next(symbols) for _ in out_folded]
+    in_mode = [next(symbols) for _ in in_folded]
+    in_rank = [m if folded else next(symbols) for m, folded in zip(in_mode, in_folded)]
+    out_mode = [r if folded else next(symbols) for r, folded in zip(out_rank, out_folded)]
+    terms = [batch + "".join(in_mode)]
+    terms += [m + r for m, r, folded in zip(in_mode, in_rank, in_folded) if not folded]
+    terms.append("".join(out_rank) + "".join(in_rank))
+    terms += [m + r for m, r, folded in zip(out_mode, out_rank, out_folded) if not folded]
+    return ",".join(terms) + "->" + batch + "".join(out_mode)
+
+
+_ELEMENT_COST = 40
+"""Multiply-accumulate equivalents charged per activation element that a *thin*
+GEMM (inner or outer size below :data:`_THIN`), a rotation copy or an unfused bias
+add reads or writes. FLOP counts alone (opt_einsum's model) mispredict the Tucker
+chain on CPU: its per-mode GEMMs have sizes of 3--16 and are memory-bound, while
+large GEMMs run at full speed. Fitted on 2-core CPU runs of the MiniLM layers
+(``benchmarks/bench_tucker_linear.py``): the 3+3-mode 1536x384 chain at batch 4096
+(0.73x dense measured) and the 384x384 one (1.1x) both give 37--47."""
+
+_THIN = 32
+
+
+def tucker_schedule_costs(plan: TuckerPlan, batch: int) -> Tuple[int, int]:
+    """Modelled cost ``(input_first, weight_first)`` of the two schedules of ``plan``.
+
+    Cost = multiply-accumulates + :data:`_ELEMENT_COST` x elements read and written
+    by the memory-bound steps, as :func:`tucker_linear` executes them (folded modes
+    merged; a folded mode costs a rotation copy; a whole folded input side is read
+    in place). Pure integer arithmetic, so ``torch.compile`` can trace it.
+
+    Examples:
+        >>> plan = tucker_plan((1536,), (384,), (1536,), (153,))
+        >>> first, weight = tucker_schedule_costs(plan, 4096)
+        >>> first < weight
+        True
+    """
+    g = _ELEMENT_COST
+    two_mode = len(plan.out_modes) == 1 and len(plan.in_modes) == 1
+
+    def chain(size: int, steps, rotate: bool) -> Tuple[int, int]:
+        macs = moved = 0
+        for a, b, factored in steps:
+            new = size // a * b
+            if factored:
+                macs += size * b
+                if min(a, b) < _THIN:
+                    moved += size + new
+            elif rotate:
+                moved += 2 * size
+            size = new
+        return macs, moved
+
+    in_steps = [(n, r, i >= 0) for n, r, i in reversed(plan.in_modes)]
+    out_steps = [(r, n, i >= 0) for n, r, i in plan.out_modes]
+    in_folded = len(plan.in_modes) == 1 and plan.in_modes[0][2] < 0
+    in_macs, in_moved = (0, 0) if in_folded else chain(plan.in_features, in_steps, True)
+    out_macs, out_moved = chain(plan.rows, out_steps, not two_mode)
+    core_moved = plan.rows + plan.columns if min(plan.rows, plan.columns) < _THIN else 0
+    bias_moved = 0 if two_mode else 2 * plan.out_features
+    per_row = in_macs + out_macs + plan.rows * plan.columns
+    per_row += g * (in_moved + out_moved + core_moved + bias_moved)
+    build_out = chain(plan.rows * plan.columns, out_steps, True)
+    build_in = chain(
+        plan.out_features * plan.columns, [(r, n, i >= 0) for n, r, i in plan.in_modes], True
+    )
+    build = build_out[0] + build_in[0] + g * (build_out[1] + build_in[1])
+    return batch * per_row, build + batch * plan.in_features * plan.out_features
+
+
+def tucker_linear_input_first(plan: TuckerPlan, batch: int) -> bool:
+    """Whether to contract the input first (factor chain) or build the dense weight first.
+
+    opt_einsum plans the contraction (:func:`tucker_linear_equation` on these shapes,
+    batch size included, through :mod:`factorized_layers.contract`'s cache); if its
+    FLOP-optimal path builds the whole weight before touching the input, so do we.
+    Otherwise the memory-aware :func:`tucker_schedule_costs` decides, because the
+    chain's thin GEMMs can lose to one dense GEMM at large batches although they need
+    fewer FLOPs. The eager decision is cached per (plan, batch size). Under
+    ``torch.compile`` (symbolic batch, untraceable cache lock) only the cost model is
+    used, which dynamo turns into a shape guard rather than a graph break.
+
+    Examples:
+        >>> tucker_linear_input_first(tucker_plan((16, 12, 8), (8, 8, 6), (8, 6, 4), (4, 4, 3)), 1)
+        True
+        >>> tucker_linear_input_first(tucker_plan((24,), (24,), (24,), (23,)), 4096)
+        False
+    """
+    if batch == 0:
+        return True
+    if torch.compiler.is_compiling():
+        input_first, weight_first = tucker_schedule_costs(plan, batch)
+        return input_first <= weight_first
+    return _eager_input_first(plan, batch)
+
+
+@functools.lru_cache(maxsize=4096)
+def _eager_input_first(plan: TuckerPlan, batch: int) -> bool:
+    input_first, weight_first = tucker_schedule_costs(plan, batch)
+    if input_first > weight_first:
+        return False
+    out_folded = tuple(r == n for r, n in zip(plan.out_ranks, plan.out_shape))
+    in_folded = tuple(r == n for r, n in zip(plan.in_ranks, plan.in_shape))
+    shapes = [(batch, *plan.in_shape)]
+    shapes += [(n, r) for n, r, f in zip(plan.in_shape, plan.in_ranks, in_folded) if not f]
+    shapes.append((*plan.out_ranks, *plan.in_ranks))
+    shapes += [(n, r) for n, r, f in zip(plan.out_shape, plan.out_ranks, out_folded) if not f]
+    path = contraction_path(tucker_linear_equation(out_folded, in_folded), *shapes)
+    # Follow operand positions: each step removes its operands and appends the result.
+    alive = list(range(len(shapes)))
+    for step in path[:-1]:
+        if 0 in [alive[i] for i in step]:
+            return True
+        alive = [a for i, a in enumerate(alive) if i not in step] + [-1]
+    return False
+
+
+def _end_to_front(t: torch.Tensor, factors, sizes, targets, rows: int) -> torch.Tensor:
+    """Multiply the trailing modes of ``t`` (``rows`` x modes) by ``factors``, last first.
+
+    Each step views the tensor as ``(rest, n)`` with the mode last and writes
+    ``factor^T @ view^T`` as ``(r, rest)``: the mode moves to the front, the next
+    one becomes last, and no activation is ever permuted.
+    """
+    size = rows * math.prod(sizes)
+    for k in reversed(range(len(sizes))):
+        t = t.reshape(size // sizes[k], sizes[k])
+        factor = factors[k]
+        t = t.mT.contiguous() if factor is None else torch.mm(factor.mT, t.mT)
+        size = size // sizes[k] * targets[k]
+    return t
+
+
+def _front_to_end(t: torch.Tensor, factors, sizes, targets, cols: int) -> torch.Tensor:
+    """Multiply the leading modes of ``t`` (modes x ``cols``) by ``factors``, first first.
+
+    Each step views the tensor as ``(n, rest)`` and writes ``view^T @ factor^T`` as
+    ``(rest, m)``: the mode moves to the end. ``factors[k]`` maps ``sizes[k]`` to
+    ``targets[k]`` and has shape ``(targets[k], sizes[k])`` (``None``: identity).
+    """
+    size = cols * math.prod(sizes)
+    for k in range(len(sizes)):
+        t = t.reshape(sizes[k], size // sizes[k])
+        factor = factors[k]
+        t = t.mT.contiguous() if factor is None else torch.mm(t.mT, factor.mT)
+        size = size // sizes[k] * targets[k]
+    return t
+
+
+def tucker_dense_weight(
+    core: torch.Tensor, out_factors, in_factors, *, plan: TuckerPlan | None = None
+) -> torch.Tensor:
+    """The ``(out_features, in_features)`` matrix of a Tucker linear weight (differentiable).
+
+    Args:
+        core: ``(*out_ranks, *in_ranks)``.
+        out_factors: One ``(out_shape[k], out_ranks[k])`` matrix per output mode, or
+            ``None`` for a folded full-rank mode.
+        in_factors: One ``(in_shape[k], in_ranks[k])`` matrix (or ``None``) per input mode.
+        plan: The :func:`tucker_plan` of these shapes, if the caller keeps one.
+
+    Examples:
+        >>> core, u, v = torch.randn(2, 3), torch.randn(5, 2), torch.randn(4, 3)
+        >>> torch.allclose(tucker_dense_weight(core, [u], [v]), u @ core @ v.T, atol=1e-6)
+        True
+    """
+    if plan is None:
+        plan = tucker_plan(*_tucker_structure(core, out_factors, in_factors))
+    return _planned_dense_weight(plan, core, out_factors, in_factors)
+
+
+class TuckerPlan(NamedTuple):
+    """Static execution plan of a Tucker linear layer (depends on shapes and ranks only).
+
+    Runs of neighbouring folded (full-rank, factor-less) modes are merged into one
+    mode: a free reshape of the core that saves one rotation per merged mode.
+    """
+
+    out_shape: Tuple[int, ...]
+    in_shape: Tuple[int, ...]
+    out_ranks: Tuple[int, ...]
+    in_ranks: Tuple[int, ...]
+    out_modes: Tuple[Tuple[int, int, int], ...]
+    """Merged output modes as ``(size, rank, factor index or -1 when folded)``."""
+    in_modes: Tuple[Tuple[int, int, int], ...]
+    """Merged input modes as ``(size, rank, factor index or -1 when folded)``."""
+    in_features: int
+    out_features: int
+    rows: int
+    """``prod(out_ranks)``: rows of the core matrix."""
+    columns: int
+    """``prod(in_ranks)``: columns of the core matrix."""
+    always_input_first: bool = False
+    """The modelled input-first cost per row is at most the dense one, so the chain
+    wins at every batch size and no per-batch decision is needed."""
+
+
+def _merge(shape, ranks) -> Tuple[Tuple[int, int, int], ...]:
+    merged: list = []
+    for k, (n, r) in enumerate(zip(shape, ranks)):
+        if r == n and merged and merged[-1][2] == -1:
+            merged[-1] = (merged[-1][0] * n, merged[-1][1] * r, -1)
+        else:
+            merged.append((n, r, -1 if r == n else k))
+    return tuple(merged)
+
+
+def _build_plan(out_shape, in_shape, out_ranks, in_ranks) -> TuckerPlan:
+    in_features, out_features = math.prod(in_shape), math.prod(out_shape)
+    plan = TuckerPlan(
+        tuple(out_shape),
+        tuple(in_shape),
+        tuple(out_ranks),
+        tuple(in_ranks),
+        _merge(out_shape, out_ranks),
+        _merge(in_shape, in_ranks),
+        in_features,
+        out_features,
+        math.prod(out_ranks),
+        math.prod(in_ranks),
+    )
+    # Both costs are affine in the batch size with the same zero-batch ordering
+    # (input first costs nothing, the weight build something), so comparing the
+    # per-row slopes settles every batch size at once.
+    input_first, weight_first = tucker_schedule_costs(plan, 1)
+    build = tucker_schedule_costs(plan, 0)[1]
+    return plan._replace(always_input_first=input_first <= weight_first - build)
+
+
+_cached_plan = functools.lru_cache(maxsize=512)(_build_plan)
+
+
+def tucker_plan(out_shape, in_shape, out_ranks, in_ranks) -> TuckerPlan:
+    """The (cached) :class:`TuckerPlan` for these mode sizes and ranks.
+
+    Examples:
+        >>> plan = tucker_plan((16, 12, 8), (8, 8, 6), (10, 9, 8), (8, 8, 6))
+        >>> plan.out_modes, plan.in_modes
+        (((16, 10, 0), (12, 9, 1), (8, 8, -1)), ((384, 384, -1),))
+    """
+    key = (tuple(out_shape), tuple(in_shape), tuple(out_ranks), tuple(in_ranks))
+    if torch.compiler.is_compiling():
+        return _build_plan(*key)
+    return _cached_plan(*key)
+
+
+def _pick(factors, modes):
+    return [None if index < 0 else factors[index] for _, _, index in modes]
+
+
+def _planned_dense_weight(plan: TuckerPlan, core, out_factors, in_factors) -> torch.Tensor:
+    out_sizes = [n for n, _, _ in plan.out_modes]
+    out_ranks = [r for _, r, _ in plan.out_modes]
+    in_sizes = [n for n, _, _ in plan.in_modes]
+    in_ranks = [r for _, r, _ in plan.in_modes]
+    t = _front_to_end(
+        core, _pick(out_factors, plan.out_modes), out_ranks, out_sizes, plan.columns
+    )  # (S, out)
+    # In-factors map rank -> mode size: (in_shape[k], in_ranks[k]) is already (target, size).
+    t = _front_to_end(t, _pick(in_factors, plan.in_modes), in_ranks, in_sizes, plan.out_features)
+    return t.reshape(plan.out_features, plan.in_features)
+
+
+def tucker_linear(
+    input: torch.Tensor,
+    core: torch.Tensor,
+    out_factors,
+    in_factors,
+    bias: torch.Tensor | None = None,
+    *,
+    plan: TuckerPlan | None = None,
+) -> torch.Tensor:
+    """``F.linear(input, tucker_dense_weight(core, out_factors, in_factors), bias)``, planned.
+
+    The input ``(*, in_features)`` is viewed as ``(B, *in_shape)``. *Input first*
+    (the usual plan): one GEMM per non-folded input mode, each reading the previous
+    result as a plain or transposed matrix (the contracted mode rotates to the front,
+    so nothing is permuted); the core as a single ``(prod out_ranks, prod in_ranks)``
+    GEMM; then one GEMM per non-folded output mode, rotating the other way so the
+    result comes out as ``(B, *out_shape)``. A layer whose sides reduce to one mode
+    each (``U G V^T``) runs as chained ``F.linear`` calls. *Weight first*: the dense
+    weight is built with the same GEMMs, then one ``F.linear``; see
+    :func:`tucker_linear_input_first` for the choice.
+
+    Args:
+        input: ``(*, in_features)``.
+        core: ``(*out_ranks, *in_ranks)``.
+        out_factors: Sequence of ``(out_shape[k], out_ranks[k])`` matrices or ``None``.
+        in_factors: Sequence of ``(in_shape[k], in_ranks[k])`` matrices or ``None``.
+        bias: ``(out_features,)`` or ``None``.
+        plan: The :func:`tucker_plan` of these shapes, if the caller keeps one
+            (saves recomputing it on every call).
+
+    Returns:
+        ``(*, out_features)``.
+
+    Raises:
+        ValueError: If the last input dimension is not ``in_features``.
+
+    Examples:
+        >>> core = torch.randn(3, 2, 2, 2)
+        >>> outs, ins = [torch.randn(4, 3), None], [torch.randn(3, 2), torch.randn(5, 2)]
+        >>> x = torch.randn(7, 15)
+        >>> w = tucker_dense_weight(core, outs, ins)
+        >>> torch.allclose(tucker_linear(x, core, outs, ins), x @ w.T, atol=1e-5)
+        True
+    """
+    if plan is None:
+        plan = tucker_plan(*_tucker_structure(core, out_factors, in_factors))
+    in_features = plan.in_features
+    if input.dim() == 0 or input.shape[-1] != in_features:
+        raise ValueError(f"expected input of shape (*, {in_features}), got {tuple(input.shape)}")
+    out_modes, in_modes = plan.out_modes, plan.in_modes
+    if len(out_modes) == 1 and len(in_modes) == 1:
+        # One (merged) mode per side: U G V^T as chained F.linear calls.
+        matrix = core.reshape(plan.rows, plan.columns)
+        u = None if out_modes[0][2] < 0 else out_factors[out_modes[0][2]]
+        v = None if in_modes[0][2] < 0 else in_factors[in_modes[0][2]]
+        if u is None and v is None:
+            return F.linear(input, matrix, bias)
+        lead = input.shape[:-1]
+        batch = input.numel() // in_features
+        if not (plan.always_input_first or _input_first(plan, batch)):
+            return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
+        h = input if v is None else torch.matmul(input, v)
+        if u is None:
+            return F.linear(h, matrix, bias)
+        return F.linear(F.linear(h, matrix), u, bias)
+    lead = input.shape[:-1]
+    batch = input.numel() // in_features
+    if not (plan.always_input_first or _input_first(plan, batch)):
+        return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
+    if len(in_modes) == 1 and in_modes[0][2] < 0:
+        t = input.reshape(batch, in_features).mT  # (S, B) as a view: no copy
+    else:
+        t = _end_to_front(
+            input,
+            _pick(in_factors, in_modes),
+            [n for n, _, _ in in_modes],
+            [r for _, r, _ in in_modes],
+            batch,
+        ).reshape(plan.columns, batch)
+    t = torch.mm(core.reshape(plan.rows, plan.columns), t)  # (R, B)
+    t = _front_to_end(
+        t,
+        _pick(out_factors, out_modes),
+        [r for _, r, _ in out_modes],
+        [n for n, _, _ in out_modes],
+        batch,
+    )  # (B, out)
+    out = t.reshape(*lead, plan.out_features)
+    return out if bias is None else out + bias
+
+
+def _input_first(plan: TuckerPlan, batch) -> bool:
+    return tucker_linear_input_first(plan, batch)
+
+
+__all__ += [
+    "TuckerPlan",
+    "tucker_plan",
+    "tucker_schedule_costs",
+    "tucker_linear",
+    "tucker_dense_weight",
+    "tucker_linear_equation",
+    "tucker_linear_input_first",
+]
+
+
+# ---------------------------------------------------------------------------
+# CP convolution: in -> rank contraction, depthwise spatial filtering, rank -> out
+# ---------------------------------------------------------------------------
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_DEPTHWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_tuple(value, n: int, name: str, minimum: int = 1) -> tuple:
+    """``value`` as an ``n``-tuple of ints ``>= minimum`` (``int`` values are repeated).
+
+    Raises:
+        ValueError: Wrong arity, non-integers, or values below ``minimum``.
+
+    Examples:
+        >>> conv_tuple(3, 2, "kernel_size")
+        (3, 3)
+        >>> conv_tuple((1, 2), 2, "stride")
+        (1, 2)
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
+    try:
+        items = (value,) * n if isinstance(value, int) else tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}") from None
+    if len(items) != n or any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
+    if any(v < minimum for v in items):
+        raise ValueError(f"{name} values must be >= {minimum}, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def conv_padding_pairs(padding, kernel_size, dilation, stride=1) -> tuple:
+    """Per-dimension ``(before, after)`` input padding of a convolution, as ``F.conv2d``.
+
+    ``'valid'`` is no padding; ``'same'`` pads ``dilation * (kernel - 1)`` in total,
+    ``total // 2`` before and the rest after (the extra element of an even kernel
+    goes at the end, exactly as ``F.conv2d(..., padding='same')``); an int or tuple
+    pads symmetrically.
+
+    Raises:
+        ValueError: Unknown string, wrong arity, negative padding, or ``'same'``
+            with a stride other than 1 (as ``nn.Conv2d``).
+
+    Examples:
+        >>> conv_padding_pairs("same", (4, 3), (1, 2))
+        ((1, 2), (2, 2))
+        >>> conv_padding_pairs((1, 0), (3, 3), (1, 1))
+        ((1, 1), (0, 0))
+    """
+    n = len(kernel_size)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * n
+        if padding == "same":
+            if any(s != 1 for s in conv_tuple(stride, n, "stride")):
+                raise ValueError(
+                    "padding='same' is not supported for strided convolutions, "
+                    f"got stride={stride!r}"
+                )
+            totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+            return tuple((t // 2, t - t // 2) for t in totals)
+        raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
+    return tuple((p, p) for p in conv_tuple(padding, n, "padding", minimum=0))
+
+
+def cp_conv_separable(kernel_size) -> bool:
+    """Whether the depthwise step runs as one 1-D pass per spatial dimension.
+
+    The merged kernel (outer product of the spatial factors) costs ``prod(kernel)``
+    multiply-adds per channel and pixel in one pass; the separable form costs
+    ``sum(kernel)`` in one pass per dimension. Measured on 2 shared CPU cores
+    (channels-last depthwise convolutions, ranks 14-66, 14x14 to 56x56 images,
+    ``benchmarks/bench_cp_conv2d.py --depthwise``), separable/merged time was
+    1.2-2.0 at 3x3 and 5x5, 0.80-0.84 at 7x7, 0.50-0.61 at 9x9 and 0.30-0.42 at
+    11x11; 7x5 (1.06-1.10) and 3x9 (0.97-1.06) were ties. The rule
+    ``prod(kernel) > 3 * sum(kernel)`` (with two or more non-trivial dimensions)
+    puts the crossover between 5x5 and 7x7 and keeps the ties merged (one pass).
+
+    Examples:
+        >>> cp_conv_separable((5, 5)), cp_conv_separable((7, 5)), cp_conv_separable((7, 7))
+        (False, False, True)
+    """
+    kernel = tuple(kernel_size)
+    if sum(k > 1 for k in kernel) < 2:
+        return False
+    return math.prod(kernel) > 3 * sum(kernel)
+
+
+def cp_merged_kernel(spatial_factors) -> torch.Tensor:
+    """The ``(rank, 1, *kernel_size)`` depthwise kernel: outer products of the factors.
+
+    Examples:
+        >>> cp_merged_kernel([torch.ones(3, 2), torch.ones(5, 2)]).shape
+        torch.Size([2, 1, 3, 5])
+    """
+    kernel = spatial_factors[0].T
+    rank = kernel.shape[0]
+    for factor in spatial_factors[1:]:
+        shape = (rank,) + (1,) * (kernel.dim() - 1) + (factor.shape[0],)
+        kernel = kernel.unsqueeze(-1) * factor.T.reshape(shape)
+    return kernel.unsqueeze(1)
+
+
+def cp_convnd(
+    input: torch.Tensor,
+    out_channel_factor: torch.Tensor,
+    in_channel_factor: torch.Tensor,
+    spatial_factors,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    padding_mode: str = "zeros",
+    separable: bool | None = None,
+) -> torch.Tensor:
+    """N-d convolution with a CP kernel, never building the dense kernel.
+
+    ``weight[o, i, k_1, ..., k_n] = sum_r out[o, r] * in[i, r] * s_1[k_1, r] * ...``.
+    Three steps:
+
+    1. ``in -> rank``: one GEMM over the channel dimension whose output is laid out
+       channels-last, ``(N, *spatial, rank)``; an NCHW input is read through a
+       transposed view (any copy torch makes for it is part of this kernel's time).
+       Measured as fast as or faster than a 1x1 ``F.conv2d`` (up to 4x on NCHW
+       input) and the equivalent opt_einsum contraction (up to 2x),
+       ``benchmarks/bench_cp_conv2d.py --contraction``.
+    2. Depthwise filtering with ``groups=rank``: the merged kernel
+       (:func:`cp_merged_kernel`), or one 1-D pass per dimension when
+       :func:`cp_conv_separable` says so (or ``separable=True``). Stride, dilation
+       and padding are those of ``F.conv2d``: the padding (any ``padding_mode``, and
+       the asymmetric part of ``'same'`` for even kernels) is applied to the
+       ``rank``-channel tensor with ``F.pad`` like ``nn.Conv2d`` pads its input --
+       it commutes with the per-pixel channel contraction and is cheaper there.
+       Channels-last depthwise convolutions ran 2-9x faster than NCHW ones on CPU.
+    3. ``rank -> out``: one GEMM (with the bias fused) written straight into the
+       output's memory format: NCHW-contiguous for a contiguous input,
+       channels-last for a channels-last input -- what ``nn.Conv2d`` returns.
+
+    Args:
+        input: ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``.
+        out_channel_factor: ``(C_out, rank)``.
+        in_channel_factor: ``(C_in, rank)``.
+        spatial_factors: One ``(k_d, rank)`` factor per spatial dimension (1 to 3).
+        bias: ``(C_out,)`` or ``None``.
+        stride: ``int`` or tuple of ``n`` ints.
+        padding: ``int``, tuple of ``n`` ints, ``'same'`` or ``'valid'``.
+        dilation: ``int`` or tuple of ``n`` ints.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        separable: Force (``True``) or forbid (``False``) the separable depthwise
+            passes; ``None`` applies :func:`cp_conv_separable`.
+
+    Returns:
+        The convolution, ``(N, C_out, *out_spatial)`` (or unbatched).
+
+    Raises:
+        ValueError: Wrong input rank or channel count, bad stride/padding/dilation
+            arity or values, unknown ``padding_mode``.
+
+    Examples:
+        >>> x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+        >>> out, inp = torch.randn(6, 3, dtype=x.dtype), torch.randn(4, 3, dtype=x.dtype)
+        >>> h, w = torch.randn(3, 3, dtype=x.dtype), torch.randn(3, 3, dtype=x.dtype)
+        >>> weight = torch.einsum("or,ir,hr,wr->oihw", out, inp, h, w)
+        >>> y = cp_convnd(x, out, inp, (h, w), stride=2, padding=1)
+        >>> torch.allclose(y, F.conv2d(x, weight, stride=2, padding=1))
+        True
+    """
+    spatial_factors = tuple(spatial_factors)
+    n = len(spatial_factors)
+    if n not in _DEPTHWISE_CONV:
+        raise ValueError(f"expected 1 to 3 spatial factors, got {n}")
+    in_channels, rank = in_channel_factor.shape
+    if input.dim() not in (n + 1, n + 2) or input.shape[-n - 1] != in_channels:
+        raise ValueError(
+            f"expected input of shape (N, {in_channels}, *spatial) or ({in_channels}, *spatial) "
+            f"with {n} spatial dimension(s), got {tuple(input.shape)}"
+        )
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    kernel_size = tuple(f.shape[0] for f in spatial_factors)
+    stride = conv_tuple(stride, n, "stride")
+    dilation = conv_tuple(dilation, n, "dilation")
+    pads = conv_padding_pairs(padding, kernel_size, dilation, stride)
+    if separable is None:
+        separable = cp_conv_separable(kernel_size)
+
+    unbatched = input.dim() == n + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    batch, spatial = input.shape[0], tuple(input.shape[2:])
+    channels_last = not input.is_contiguous() and input.movedim(1, -1).is_contiguous()
+
+    # 1. in -> rank, written as (N, *spatial, rank).
+    if channels_last:
+        hidden = torch.matmul(input.movedim(1, -1), in_channel_factor)
+    else:
+        hidden = torch.matmul(input.flatten(2).transpose(1, 2), in_channel_factor)
+        hidden = hidden.view((batch,) + spatial + (rank,))
+    hidden = hidden.movedim(-1, 1)
+
+    # 2. Depthwise filtering with groups=rank.
+    if padding_mode != "zeros" or any(before != after for before, after in pads):
+        flat = [p for pair in reversed(pads) for p in pair]
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        hidden = F.pad(hidden, flat, mode=mode)
+        conv_padding = (0,) * n
+    else:
+        conv_padding = tuple(before for before, _ in pads)
+    conv = _DEPTHWISE_CONV[n]
+    if separable:
+        for d, factor in enumerate(spatial_factors):
+            shape = [1] * n
+            shape[d] = factor.shape[0]
+            step, dil, pad = [1] * n, [1] * n, [0] * n
+            step[d], dil[d], pad[d] = stride[d], dilation[d], conv_padding[d]
+            kernel = factor.T.reshape([rank, 1] + shape)
+            hidden = conv(hidden, kernel, None, tuple(step), tuple(pad), tuple(dil), rank)
+    else:
+        kernel = cp_merged_kernel(spatial_factors)
+        hidden = conv(hidden, kernel, None, stride, conv_padding, dilation, rank)
+
+    # 3. rank -> out, bias fused, in the memory format nn.Conv2d would return.
+    out_spatial = tuple(hidden.shape[2:])
+    out_channels = out_channel_factor.shape[0]
+    rows = hidden.movedim(1, -1)
+    if channels_last:
+        output = F.linear(rows, out_channel_factor, bias).movedim(-1, 1)
+    else:
+        columns = rows.reshape(batch, -1, rank).transpose(1, 2)
+        factor = out_channel_factor.expand(batch, out_channels, rank)
+        if bias is None:
+            output = torch.bmm(factor, columns)
+        else:
+            output = torch.baddbmm(bias.view(1, out_channels, 1), factor, columns)
+        output = output.view((batch, out_channels) + out_spatial)
+    return output.squeeze(0) if unbatched else output
+
+
+def cp_conv2d(
+    input: torch.Tensor,
+    out_channel_factor: torch.Tensor,
+    in_channel_factor: torch.Tensor,
+    height_factor: torch.Tensor,
+    width_factor: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    padding_mode: str = "zeros",
+    separable: bool | None = None,
+) -> torch.Tensor:
+    """2-D convolution with a CP kernel: :func:`cp_convnd` with two spatial factors.
+
+    Equals ``F.conv2d(input, weight, bias, stride, padding, dilation)`` (after
+    ``F.pad`` in ``padding_mode`` when it is not ``'zeros'``) with
+    ``weight = einsum("or,ir,hr,wr->oihw", out_channel_factor, in_channel_factor,
+    height_factor, width_factor)``.
+
+    Args:
+        input: ``(N, C_in, H, W)`` or ``(C_in, H, W)``.
+        out_channel_factor: ``(C_out, rank)``.
+        in_channel_factor: ``(C_in, rank)``.
+        height_factor: ``(kH, rank)``.
+        width_factor: ``(kW, rank)``.
+        bias: ``(C_out,)`` or ``None``.
+        stride: As ``F.conv2d``.
+        padding: As ``F.conv2d`` (``int``, pair, ``'same'``, ``'valid'``).
+        dilation: As ``F.conv2d``.
+        padding_mode: As ``nn.Conv2d``.
+        separable: See :func:`cp_convnd`.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` (or unbatched).
+
+    Examples:
+        >>> x = torch.randn(1, 4, 8, 8)
+        >>> factors = [torch.randn(n, 2) for n in (5, 4, 2, 3)]
+        >>> cp_conv2d(x, *factors, padding="same").shape
+        torch.Size([1, 5, 8, 8])
+    """
+    return cp_convnd(
+        input,
+        out_channel_factor,
+        in_channel_factor,
+        (height_factor, width_factor),
+        bias,
+        stride,
+        padding,
+        dilation,
+        padding_mode,
+        separable,
+    )
+
+
+__all__ += [
+    "conv_padding_pairs",
+    "conv_tuple",
+    "cp_conv2d",
+    "cp_conv_separable",
+    "cp_convnd",
+    "cp_merged_kernel",
+]

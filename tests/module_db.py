@@ -12,6 +12,7 @@ from typing import Callable, Tuple
 import torch.nn as nn
 
 from factorized_layers import SVDLinear
+from factorized_layers.layers.tucker import TuckerLinear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,4 +45,12 @@ MODULE_CASES = [
     ),
     ModuleCase("svd_linear_1d_input", SVDLinear, _linear(7, 9), 2, (7,), 7, 9),
     ModuleCase("svd_linear_wide_rank1", SVDLinear, _linear(3, 40), 1, (4, 3), 3, 40),
+]
+
+MODULE_CASES += [
+    ModuleCase("tucker_linear", TuckerLinear, _linear(24, 16), 0.5, (3, 24), 24, 24),
+    ModuleCase(
+        "tucker_linear_nobias", TuckerLinear, _linear(16, 24, bias=False), 2, (2, 3, 16), 24, 24
+    ),
+    ModuleCase("tucker_linear_prime_in", TuckerLinear, _linear(7, 12), 2, (7,), 12, 12),
 ]

@@ -66,7 +66,9 @@ def test_state_dict_round_trip_weights_only(case, tmp_path):
     path = tmp_path / "layer.pt"
     torch.save(layer.state_dict(), path)
     state = torch.load(path, weights_only=True)
-    fresh = case.layer_cls(*_constructor_args(layer), bias=layer.bias is not None)
+    fresh = case.layer_cls(
+        *_constructor_args(layer), **_constructor_kwargs(layer), bias=layer.bias is not None
+    )
     fresh.load_state_dict(state)
     x = torch.randn(case.input_shape)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
@@ -74,6 +76,11 @@ def test_state_dict_round_trip_weights_only(case, tmp_path):
 
 def _constructor_args(layer):
     return layer.in_features, layer.out_features, layer.rank
+
+
+def _constructor_kwargs(layer):
+    # Tensorized layers also need their mode shapes (from_dense may choose them).
+    return {k: getattr(layer, k) for k in ("in_shape", "out_shape") if hasattr(layer, k)}
 
 
 @CASES
@@ -111,7 +118,7 @@ def test_meta_construction_and_from_dense_stay_on_meta(case):
     assert out.device.type == "meta"
     assert out.shape == dense(torch.empty(case.input_shape, device="meta")).shape
     with torch.device("meta"):
-        shell = case.layer_cls(*_constructor_args(layer))
+        shell = case.layer_cls(*_constructor_args(layer), **_constructor_kwargs(layer))
     assert all(p.device.type == "meta" for p in shell.parameters())
 
 

@@ -1,0 +1,440 @@
+"""Tensorized Tucker linear layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..decompose import hooi, hosvd_energy, mode_dot
+from ..functional import tucker_dense_weight, tucker_linear, tucker_plan
+from ..ranks import (
+    POLICY_TYPES,
+    Budget,
+    allocate_tucker_ranks,
+    resolve_tucker_ranks,
+    tucker_linear_flops,
+    tucker_params,
+)
+from ..tensorize import check_tensorization, tensorize, tensorize_candidates
+from .base import check_source, to_dense_linear
+
+__all__ = ["TuckerLinear", "TensorizationCandidate", "TensorizationReport"]
+
+Shape = Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorizationCandidate:
+    """One tensorization ``from_dense`` evaluated."""
+
+    out_shape: Shape
+    in_shape: Shape
+    ranks: Shape
+    """Multilinear ranks, output modes first."""
+    params: int
+    """Core plus factor entries (bias excluded)."""
+    error: float
+    """Relative Frobenius error of the weight (NaN when not computed, e.g. on meta)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorizationReport:
+    """How :meth:`TuckerLinear.from_dense` chose its tensorization.
+
+    ``candidates[chosen]`` is the one the layer uses: the lowest error among the
+    candidates (all within the same parameter budget when the rank was a float).
+    """
+
+    candidates: Tuple[TensorizationCandidate, ...]
+    chosen: int
+    budget: int | None
+    """Parameter budget of a float rank (``None`` for int/tuple ranks)."""
+
+    def __str__(self) -> str:
+        budget = "" if self.budget is None else f" at a budget of {self.budget} parameters"
+        lines = [f"tensorization chosen from {len(self.candidates)} candidate(s){budget}:"]
+        for i, c in enumerate(self.candidates):
+            mark = "*" if i == self.chosen else " "
+            lines.append(
+                f" {mark} out_shape={c.out_shape} in_shape={c.in_shape} ranks={c.ranks} "
+                f"params={c.params} error={c.error:.4f}"
+            )
+        return "\n".join(lines)
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _shapes(
+    in_features: int, out_features: int, in_shape: object, out_shape: object
+) -> Tuple[Shape, Shape]:
+    ins = (
+        tensorize(in_features)
+        if in_shape is None
+        else check_tensorization("in_shape", in_shape, in_features)
+    )
+    outs = (
+        tensorize(out_features)
+        if out_shape is None
+        else check_tensorization("out_shape", out_shape, out_features)
+    )
+    return outs, ins
+
+
+class TuckerLinear(nn.Module):
+    r"""Linear layer whose weight, seen as a tensor, is a Tucker product.
+
+    The ``(out_features, in_features)`` weight is reshaped (row-major) into a tensor
+    of shape ``out_shape + in_shape`` and stored as a core of shape
+    ``out_ranks + in_ranks`` with one factor per mode: ``out_factor_k`` of shape
+    ``(out_shape[k], out_ranks[k])`` and ``in_factor_k`` of shape
+    ``(in_shape[k], in_ranks[k])``,
+
+    .. math:: W = G \times_1 U_1 \cdots \times_K U_K \times_{K+1} V_1 \cdots \times_{K+L} V_L .
+
+    A mode kept at full rank (``rank == size``) has no factor: its square factor is
+    an invertible change of basis, folded into the core (the attribute is ``None``
+    and no ``state_dict`` key is stored). Nothing dense is stored.
+
+    ``in_shape=(in_features,)`` and ``out_shape=(out_features,)`` give the plain
+    two-factor Tucker ``W = U G V^T``. By default each feature size is factorized
+    into up to 3 near-balanced modes (:func:`factorized_layers.tensorize.tensorize`:
+    the split with the smallest largest mode; a prime stays one mode), e.g.
+    ``384 -> (8, 8, 6)``, ``1536 -> (16, 12, 8)``.
+
+    The forward pass is :func:`factorized_layers.functional.tucker_linear`: the
+    input's modes are multiplied by the in-factors, then by the core as one GEMM,
+    then by the out-factors, each step a plain GEMM on a (transposed) view of the
+    previous result, so no activation is permuted (neighbouring folded modes are
+    merged; a ``U G V^T`` layer is two or three chained ``F.linear``). The dense
+    weight is built first instead only where that is modelled to be cheaper (near
+    full ranks at large batches), see
+    :func:`factorized_layers.functional.tucker_linear_input_first`.
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        rank: ``int`` -- the rank of every mode, clipped to the mode size; a tuple
+            -- one rank per mode, output modes first; ``float`` in ``(0, 1]`` -- a
+            fraction of the dense weight's parameters, split in a balanced way
+            (:func:`factorized_layers.ranks.resolve_tucker_ranks`).
+        in_shape: Modes of the input features (product ``in_features``).
+        out_shape: Modes of the output features (product ``out_features``).
+        bias: If ``False``, the layer has no additive bias.
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: ``(*, out_features)``.
+
+    Attributes:
+        core: ``(*out_ranks, *in_ranks)`` learnable core.
+        out_factor_k, in_factor_k: Learnable factors (``None`` for full-rank modes).
+        bias: ``(out_features,)`` learnable bias, or ``None``.
+        rank: The concrete ranks (tuple, output modes first).
+        tensorization_report: :class:`TensorizationReport` of :meth:`from_dense`
+            (``None`` for a layer built by the constructor).
+
+    Examples:
+        >>> layer = TuckerLinear(384, 1536, rank=4)
+        >>> layer.out_shape, layer.in_shape, layer.rank
+        ((16, 12, 8), (8, 8, 6), (4, 4, 4, 4, 4, 4))
+        >>> layer(torch.randn(2, 384)).shape
+        torch.Size([2, 1536])
+        >>> dense = nn.Linear(64, 48)
+        >>> compressed = TuckerLinear.from_dense(dense, rank=0.5)
+        >>> compressed.tensorization_report.candidates[0].out_shape
+        (48,)
+        >>> sum(p.numel() for p in (compressed.core, *compressed.factors())) <= 0.5 * 64 * 48
+        True
+    """
+
+    in_features: int
+    out_features: int
+    in_shape: Shape
+    out_shape: Shape
+    rank: Shape
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: object,
+        *,
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.in_features = _positive("in_features", in_features)
+        self.out_features = _positive("out_features", out_features)
+        self.out_shape, self.in_shape = _shapes(in_features, out_features, in_shape, out_shape)
+        self.rank = resolve_tucker_ranks(rank, self.out_shape + self.in_shape)
+        n_out = len(self.out_shape)
+        self.out_ranks, self.in_ranks = self.rank[:n_out], self.rank[n_out:]
+        self.tensorization_report: TensorizationReport | None = None
+        self._plan = tucker_plan(self.out_shape, self.in_shape, self.out_ranks, self.in_ranks)
+        self.core = nn.Parameter(torch.empty(self.rank, **factory_kwargs))
+        self._out_names = tuple(f"out_factor_{k}" for k in range(n_out))
+        self._in_names = tuple(f"in_factor_{k}" for k in range(len(self.in_shape)))
+        for names, shape, ranks in (
+            (self._out_names, self.out_shape, self.out_ranks),
+            (self._in_names, self.in_shape, self.in_ranks),
+        ):
+            for name, n, r in zip(names, shape, ranks):
+                if r < n:
+                    self.register_parameter(
+                        name, nn.Parameter(torch.empty((n, r), **factory_kwargs))
+                    )
+                else:
+                    self.register_parameter(name, None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def out_factors(self) -> Tuple[torch.Tensor | None, ...]:
+        """The output-mode factors in mode order (``None`` for folded full-rank modes)."""
+        return tuple(getattr(self, name) for name in self._out_names)
+
+    def in_factors(self) -> Tuple[torch.Tensor | None, ...]:
+        """The input-mode factors in mode order (``None`` for folded full-rank modes)."""
+        return tuple(getattr(self, name) for name in self._in_names)
+
+    def factors(self) -> Tuple[torch.Tensor, ...]:
+        """The stored factors (output modes first), folded modes skipped."""
+        return tuple(f for f in self.out_factors() + self.in_factors() if f is not None)
+
+    def reset_parameters(self) -> None:
+        """Initialise so that ``dense_weight()`` has ``nn.Linear``'s default variance.
+
+        Every factor entry is drawn from ``U(-sqrt(3/n), sqrt(3/n))`` (variance ``1/n``
+        for a mode of size ``n``, the scale of orthonormal columns), so a weight entry,
+        a sum over ``prod(ranks)`` products, has variance
+        ``var(core) * prod(r_k / n_k)`` over the factored modes. The core is drawn
+        uniformly with ``var(core) = 1/(3 in_features) * prod(n_k / r_k)``, giving
+        ``nn.Linear``'s ``1/(3 in_features)``. The bias is drawn as ``nn.Linear``'s.
+        """
+        ratio = 1.0
+        for factor in self.factors():
+            n, r = factor.shape
+            nn.init.uniform_(factor, -math.sqrt(3.0 / n), math.sqrt(3.0 / n))
+            ratio *= n / r
+        core_bound = math.sqrt(3.0 * ratio / (3.0 * self.in_features))
+        nn.init.uniform_(self.core, -core_bound, core_bound)
+        if self.bias is not None:
+            bias_bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bias_bound, bias_bound)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Read the factors straight from the parameter dict: nn.Module.__getattr__ costs
+        # about a microsecond per name, which shows at batch 1.
+        params = self._parameters
+        return tucker_linear(
+            input,
+            params["core"],
+            tuple(params[name] for name in self._out_names),
+            tuple(params[name] for name in self._in_names),
+            params["bias"],
+            plan=self._plan,
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight the factors represent (differentiable)."""
+        return tucker_dense_weight(
+            self.core, self.out_factors(), self.in_factors(), plan=self._plan
+        )
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function, on the same device and dtype."""
+        return to_dense_linear(self, self.dense_weight())
+
+    def flops_per_position(self) -> int:
+        """Multiply-accumulates per input row (token) of the input-first schedule."""
+        return tucker_linear_flops(self.out_shape, self.in_shape, self.out_ranks, self.in_ranks)[0]
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        rank: object,
+        *,
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
+        n_iter: int = 30,
+        tol: float = 1e-6,
+        compute_dtype: torch.dtype | None = None,
+        max_modes: int = 3,
+    ) -> TuckerLinear:
+        """Tucker approximation of a trained ``nn.Linear`` by HOSVD + HOOI.
+
+        *Tensorization.* With ``in_shape``/``out_shape`` given (a missing one gets
+        the default), that tensorization is used. Without them and with a ``float``
+        rank, every candidate of
+        :func:`factorized_layers.tensorize.tensorize_candidates` (``1 .. max_modes``
+        modes per side, the two-mode ``U G V^T`` included) is decomposed at the
+        budget and the one with the lowest weight error is kept; an ``int`` or
+        tuple rank uses the default tensorization. The outcome is
+        ``layer.tensorization_report``.
+
+        *Ranks.* A ``float`` budget (fraction of ``in_features * out_features``
+        parameters, core plus factors) is split across modes to minimise the error:
+        greedy on the exact truncated-HOSVD errors
+        (:func:`factorized_layers.ranks.allocate_tucker_ranks`); the parameters never
+        exceed the budget.
+
+        The decomposition runs under ``no_grad`` on the weight's device in float32
+        (float64 for float64 weights or ``compute_dtype=torch.float64``); full-rank
+        factors are folded into the core there, then everything is cast back. The
+        bias is copied, ``training`` kept. A meta source gives a meta layer (default
+        tensorization, balanced ranks) without computing.
+
+        Args:
+            linear: The trained layer (any ``nn.Linear`` subclass).
+            rank: ``int``, tuple (output modes first) or ``float`` budget.
+            in_shape: Input modes (product ``in_features``).
+            out_shape: Output modes (product ``out_features``).
+            n_iter: Most HOOI sweeps.
+            tol: HOOI stops when a sweep improves the relative error by less.
+            compute_dtype: ``torch.float32`` or ``torch.float64``.
+            max_modes: Most modes per side among the candidates.
+
+        Returns:
+            A new :class:`TuckerLinear`; ``linear`` is left unchanged.
+
+        Examples:
+            >>> dense = nn.Linear(24, 16)
+            >>> layer = TuckerLinear.from_dense(dense, rank=24)
+            >>> torch.allclose(layer.dense_weight(), dense.weight, atol=1e-5)
+            True
+        """
+        check_source(linear, nn.Linear)
+        if isinstance(rank, Budget):
+            if rank.quantity != "params":
+                raise ValueError(f"TuckerLinear accepts Budget(params=...) only, got {rank!r}")
+            rank = rank.fraction
+        elif isinstance(rank, POLICY_TYPES):
+            raise TypeError(
+                f"TuckerLinear.from_dense takes an int, a tuple, a float or Budget(params=...) "
+                f"rank, got {rank!r}; spectrum policies (Energy, ErrorBound, EVBMF) need a "
+                "single matrix spectrum: use SVDLinear"
+            )
+        in_features, out_features = linear.in_features, linear.out_features
+        weight = linear.weight
+        is_float = (
+            isinstance(rank, numbers.Real)
+            and not isinstance(rank, numbers.Integral)
+            and not isinstance(rank, bool)
+        )
+        if in_shape is None and out_shape is None and is_float and weight.device.type != "meta":
+            candidates = tensorize_candidates(out_features, in_features, max_modes)
+        else:
+            candidates = [_shapes(in_features, out_features, in_shape, out_shape)]
+        budget = None
+        if is_float:
+            fraction = float(rank)
+            if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+                raise ValueError(
+                    f"a float rank is a fraction of parameters in (0, 1], got {rank!r}"
+                )
+            budget = int(math.floor(fraction * in_features * out_features + 1e-9))
+            fitting = [
+                (o, i) for o, i in candidates if tucker_params(o + i, (1,) * len(o + i)) <= budget
+            ]
+            if not fitting:
+                # Let the rank resolution raise its message naming the valid range.
+                resolve_tucker_ranks(rank, candidates[-1][0] + candidates[-1][1])
+            candidates = fitting or candidates
+
+        with torch.no_grad():
+            results = []
+            for outs, ins in candidates:
+                results.append(
+                    _decompose(weight, outs, ins, rank, budget, n_iter, tol, compute_dtype)
+                )
+            chosen = min(range(len(results)), key=lambda i: (results[i][0].error, i))
+            report = TensorizationReport(tuple(r[0] for r in results), chosen, budget)
+            best, core, factors = results[chosen]
+            with torch.device("meta"):
+                layer = cls(
+                    in_features,
+                    out_features,
+                    best.ranks,
+                    in_shape=best.in_shape,
+                    out_shape=best.out_shape,
+                    bias=linear.bias is not None,
+                    dtype=weight.dtype,
+                )
+            layer.core = nn.Parameter(core.to(weight.dtype).contiguous())
+            for name, factor in zip(layer._out_names + layer._in_names, factors):
+                if factor is not None:
+                    setattr(layer, name, nn.Parameter(factor.to(weight.dtype).contiguous()))
+            if linear.bias is not None:
+                layer.bias = nn.Parameter(linear.bias.detach().clone())
+        layer.tensorization_report = report
+        return layer.train(linear.training)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, in_shape={self.in_shape}, out_shape={self.out_shape}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def _decompose(
+    weight: torch.Tensor,
+    out_shape: Shape,
+    in_shape: Shape,
+    rank: object,
+    budget: int | None,
+    n_iter: int,
+    tol: float,
+    compute_dtype: torch.dtype | None,
+) -> Tuple[TensorizationCandidate, torch.Tensor, Tuple[torch.Tensor | None, ...]]:
+    """HOOI of ``weight`` in one tensorization; full-rank factors folded into the core."""
+    shape = out_shape + in_shape
+    tensor = weight.detach().reshape(shape)
+    if weight.device.type == "meta" or budget is None:
+        ranks = resolve_tucker_ranks(rank, shape)
+    else:
+        _, energy = hosvd_energy(tensor, compute_dtype=compute_dtype)
+        ranks = allocate_tucker_ranks(energy, shape, budget)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if compute_dtype is not None:
+        dtype = compute_dtype
+    core, factors, error, _ = hooi(
+        tensor.to(dtype) if weight.device.type != "meta" else tensor,
+        ranks,
+        n_iter=n_iter,
+        tol=tol,
+        compute_dtype=compute_dtype,
+    )
+    kept = []
+    for k, (factor, n, r) in enumerate(zip(factors, shape, ranks)):
+        if r == n:
+            # hooi returns the identity for a full-rank mode; fold it anyway in
+            # case a square factor is ever a rotation.
+            identity = torch.eye(n, device=factor.device, dtype=factor.dtype)
+            if factor.device.type != "meta" and not torch.equal(factor, identity):
+                core = mode_dot(core, factor, k)
+            kept.append(None)
+        else:
+            kept.append(factor)
+    candidate = TensorizationCandidate(
+        out_shape, in_shape, tuple(ranks), tucker_params(shape, ranks), error
+    )
+    return candidate, core, tuple(kept)
