@@ -6,14 +6,27 @@ Importing this package does not initialise CUDA and changes no global state.
 """
 
 from . import contract, decompose, functional, ranks
+from .convert import FactorizationReport, LayerReport, factorize_, register_layer, unfactorize_
 from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
-from .layers import SVDLinear
-from .ranks import RankSpec, resolve_matrix_rank
+from .layers import CPConv2d, SVDLinear, TuckerLinear
+from .ranks import EVBMF, Budget, Energy, ErrorBound, RankProfile, RankSpec, resolve_matrix_rank
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CPConv2d",
     "SVDLinear",
+    "TuckerLinear",
+    "factorize_",
+    "unfactorize_",
+    "register_layer",
+    "FactorizationReport",
+    "LayerReport",
+    "Energy",
+    "ErrorBound",
+    "EVBMF",
+    "Budget",
+    "RankProfile",
     "RankSpec",
     "TruncatedSVD",
     "contract",

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
 
-from ..decompose import low_rank_factors
+from ..calibrate import InputStats
+from ..decompose import low_rank_factors, whitened_low_rank_factors, whitened_singular_values
 from ..functional import svd_linear
-from ..ranks import RankSpec, resolve_matrix_rank
-from .base import check_source, to_dense_linear
+from ..ranks import RankPolicy, RankProfile, RankSpec, resolve_matrix_rank
+from .base import check_source, resolve_layer_rank, to_dense_linear
 
 __all__ = ["SVDLinear"]
+
+Calibration = Union[InputStats, torch.Tensor, None]
+
+
+def _gram_of(calibration: Calibration) -> torch.Tensor | None:
+    if calibration is None or isinstance(calibration, torch.Tensor):
+        return calibration
+    if isinstance(calibration, InputStats):
+        return calibration.gram
+    raise TypeError(
+        "calibration must be InputStats (from factorized_layers.calibrate.calibrate) or a "
+        f"Gram matrix tensor, got {type(calibration).__name__}"
+    )
 
 
 class SVDLinear(nn.Module):
@@ -116,8 +130,53 @@ class SVDLinear(nn.Module):
         """An ``nn.Linear`` computing the same function, on the same device and dtype."""
         return to_dense_linear(self, self.dense_weight())
 
+    def flops_per_position(self) -> int:
+        """Multiply-accumulates per input row (token): ``rank * (in + out)``."""
+        return self.rank * (self.in_features + self.out_features)
+
     @classmethod
-    def from_dense(cls, linear: nn.Linear, rank: RankSpec, **svd_options: Any) -> SVDLinear:
+    def rank_profile(cls, linear: nn.Linear, *, calibration: Calibration = None) -> RankProfile:
+        """Every rank ``1..min(in, out)`` with its parameters, FLOPs and exact error.
+
+        Without calibration the errors are the Eckart--Young optima of the weight's
+        singular values; with calibration they are the optimal relative *output*
+        errors on the calibration data (singular values of ``W S``, ``S S^T = X^T X``).
+        Computed in float32 (float64 for float64 weights), so rank policies pick
+        exactly the rank :meth:`from_dense` needs.
+
+        Args:
+            linear: The dense layer.
+            calibration: ``InputStats`` of the layer's inputs, or their Gram matrix.
+        """
+        check_source(linear, nn.Linear)
+        weight = linear.weight.detach()
+        gram = _gram_of(calibration)
+        if gram is None:
+            compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            singular_values = torch.linalg.svdvals(weight.to(compute))
+        else:
+            singular_values = whitened_singular_values(weight, gram)
+        per_rank = linear.in_features + linear.out_features
+        dense = linear.in_features * linear.out_features
+        return RankProfile.from_spectrum(
+            singular_values.tolist(),
+            linear.out_features,
+            linear.in_features,
+            params_per_rank=per_rank,
+            flops_per_rank=per_rank,
+            dense_params=dense,
+            dense_flops=dense,
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        rank: RankSpec | RankPolicy,
+        *,
+        calibration: Calibration = None,
+        **svd_options: Any,
+    ) -> SVDLinear:
         """Best rank-``rank`` approximation of a trained ``nn.Linear`` (truncated SVD).
 
         The SVD runs under ``no_grad`` on the weight's device in float32 (float64 for
@@ -126,12 +185,21 @@ class SVDLinear(nn.Module):
         bias-free layer) and the ``training`` flag is kept. A meta-device source gives
         a meta-device layer without computing anything.
 
+        With ``calibration`` (the layer's input statistics from
+        :func:`factorized_layers.calibrate.calibrate`, or a Gram matrix ``X^T X``) the
+        factors minimise the output error on that data instead of the weight error
+        (activation-whitened SVD, :func:`~factorized_layers.decompose.whitened_low_rank_factors`).
+
         Args:
             linear: The trained layer (any ``nn.Linear`` subclass).
-            rank: Rank spec, see :func:`factorized_layers.ranks.resolve_matrix_rank`.
-            **svd_options: ``method``, ``oversample``, ``n_iter``, ``seed``,
-                ``generator``, ``compute_dtype`` of
-                :func:`factorized_layers.decompose.truncated_svd`.
+            rank: Rank spec (see :func:`factorized_layers.ranks.resolve_matrix_rank`) or
+                a rank policy (``Energy``, ``ErrorBound``, ``EVBMF``, ``Budget`` from
+                :mod:`factorized_layers.ranks`), evaluated on :meth:`rank_profile`.
+            calibration: ``InputStats`` or an ``(in, in)`` Gram matrix, or ``None``.
+            **svd_options: Without calibration: ``method``, ``oversample``, ``n_iter``,
+                ``seed``, ``generator``, ``compute_dtype`` of
+                :func:`factorized_layers.decompose.truncated_svd`. With calibration:
+                ``ridge`` and ``compute_dtype``.
 
         Returns:
             A new :class:`SVDLinear`; ``linear`` is left unchanged.
@@ -144,7 +212,14 @@ class SVDLinear(nn.Module):
         """
         check_source(linear, nn.Linear)
         weight = linear.weight
-        rank = resolve_matrix_rank(rank, linear.out_features, linear.in_features)
+        gram = _gram_of(calibration)
+        rank = resolve_layer_rank(
+            cls,
+            linear,
+            rank,
+            lambda spec: resolve_matrix_rank(spec, linear.out_features, linear.in_features),
+            calibration=gram,
+        )
         with torch.device("meta"):
             layer = cls(
                 linear.in_features,
@@ -154,7 +229,12 @@ class SVDLinear(nn.Module):
                 dtype=weight.dtype,
             )
         with torch.no_grad():
-            output_factor, input_factor = low_rank_factors(weight, rank, **svd_options)
+            if gram is None:
+                output_factor, input_factor = low_rank_factors(weight, rank, **svd_options)
+            else:
+                output_factor, input_factor = whitened_low_rank_factors(
+                    weight, gram, rank, **svd_options
+                )
             layer.output_factor = nn.Parameter(output_factor.contiguous())
             layer.input_factor = nn.Parameter(input_factor.contiguous())
             if linear.bias is not None:
