@@ -80,13 +80,18 @@ def svd_linear(
         True
     """
     rank, in_features = input_factor.shape
-    if input.dim() == 0 or input.shape[-1] != in_features:
-        raise ValueError(f"expected input of shape (*, {in_features}), got {tuple(input.shape)}")
+    check_linear_input(input, in_features)
     out_features = output_factor.shape[0]
     batch = input.numel() // in_features
     if svd_linear_input_first(batch, in_features, out_features, rank):
         return F.linear(F.linear(input, input_factor), output_factor, bias)
     return F.linear(input, output_factor @ input_factor, bias)
+
+
+def check_linear_input(input: torch.Tensor, in_features: int) -> None:
+    """``ValueError`` unless ``input`` has shape ``(*, in_features)``."""
+    if input.dim() == 0 or input.shape[-1] != in_features:
+        raise ValueError(f"expected input of shape (*, {in_features}), got {tuple(input.shape)}")
 
 
 # ---------------------------------------------------------------------------

@@ -107,23 +107,32 @@ def resolve_matrix_rank(spec: RankSpec, rows: int, cols: int) -> int:
     """
     rows = _check_dim("rows", rows)
     cols = _check_dim("cols", cols)
-    full_rank = min(rows, cols)
+    return _resolve_linear_cost_rank(
+        spec,
+        max_rank=min(rows, cols),
+        max_rank_text=f"min({rows}, {cols})",
+        dense_params=rows * cols,
+        params_per_rank=rows + cols,
+    )
+
+
+def _resolve_linear_cost_rank(
+    spec: RankSpec, *, max_rank: int, max_rank_text: str, dense_params: int, params_per_rank: int
+) -> int:
+    """Rank spec -> rank for factorizations whose parameters grow linearly with the rank."""
     if isinstance(spec, bool):
         raise TypeError(f"rank must be an int or a float, got bool {spec!r}")
     if isinstance(spec, numbers.Integral):
-        if not 1 <= spec <= full_rank:
-            raise ValueError(
-                f"rank must be in [1, {full_rank}] = [1, min({rows}, {cols})], got {spec}"
-            )
+        if not 1 <= spec <= max_rank:
+            raise ValueError(f"rank must be in [1, {max_rank}] = [1, {max_rank_text}], got {spec}")
         return int(spec)
     if isinstance(spec, numbers.Real):
         fraction = float(spec)
         if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
             raise ValueError(f"a float rank is a fraction of parameters in (0, 1], got {spec!r}")
-        budget = fraction * rows * cols
         # Small epsilon so that e.g. 0.5 of an exactly divisible budget is not lost to rounding.
-        rank = int(math.floor(budget / (rows + cols) + 1e-9))
-        return max(1, min(rank, full_rank))
+        rank = int(math.floor(fraction * dense_params / params_per_rank + 1e-9))
+        return max(1, min(rank, max_rank))
     raise TypeError(f"rank must be an int or a float, got {type(spec).__name__} {spec!r}")
 
 
@@ -656,22 +665,13 @@ def resolve_cp_rank(spec: RankSpec, shape) -> int:
         16
     """
     dims = _check_shape(shape)
-    max_rank = cp_max_rank(dims)
-    if isinstance(spec, bool):
-        raise TypeError(f"rank must be an int or a float, got bool {spec!r}")
-    if isinstance(spec, numbers.Integral):
-        if not 1 <= spec <= max_rank:
-            raise ValueError(
-                f"rank must be in [1, {max_rank}] = [1, prod{dims} // max{dims}], got {spec}"
-            )
-        return int(spec)
-    if isinstance(spec, numbers.Real):
-        fraction = float(spec)
-        if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
-            raise ValueError(f"a float rank is a fraction of parameters in (0, 1], got {spec!r}")
-        rank = int(math.floor(fraction * math.prod(dims) / sum(dims) + 1e-9))
-        return max(1, min(rank, max_rank))
-    raise TypeError(f"rank must be an int or a float, got {type(spec).__name__} {spec!r}")
+    return _resolve_linear_cost_rank(
+        spec,
+        max_rank=cp_max_rank(dims),
+        max_rank_text=f"prod{dims} // max{dims}",
+        dense_params=math.prod(dims),
+        params_per_rank=sum(dims),
+    )
 
 
 def dense_conv_flops(in_channels: int, out_channels: int, kernel_size) -> int:

@@ -7,11 +7,18 @@ from typing import Any, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..calibrate import InputStats
 from ..decompose import low_rank_factors, whitened_low_rank_factors, whitened_singular_values
-from ..functional import svd_linear
-from ..ranks import RankPolicy, RankProfile, RankSpec, resolve_matrix_rank
+from ..functional import check_linear_input, svd_linear
+from ..ranks import (
+    RankPolicy,
+    RankProfile,
+    RankSpec,
+    low_rank_break_even,
+    resolve_matrix_rank,
+)
 from .base import check_source, resolve_layer_rank, to_dense_linear
 
 __all__ = ["SVDLinear"]
@@ -93,6 +100,7 @@ class SVDLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = resolve_matrix_rank(rank, out_features, in_features)
+        self._always_input_first = self.rank <= low_rank_break_even(out_features, in_features)
         self.input_factor = nn.Parameter(torch.empty((self.rank, in_features), **factory_kwargs))
         self.output_factor = nn.Parameter(torch.empty((out_features, self.rank), **factory_kwargs))
         if bias:
@@ -120,7 +128,15 @@ class SVDLinear(nn.Module):
             nn.init.uniform_(self.bias, -bias_bound, bias_bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return svd_linear(input, self.input_factor, self.output_factor, self.bias)
+        # Parameters straight from the dict (nn.Module.__getattr__ costs about a
+        # microsecond each, which shows at batch 1); below the break-even rank the
+        # input-first order is optimal for every batch size, so no plan is looked up.
+        params = self._parameters
+        if self._always_input_first:
+            check_linear_input(input, self.in_features)
+            hidden = F.linear(input, params["input_factor"])
+            return F.linear(hidden, params["output_factor"], params["bias"])
+        return svd_linear(input, params["input_factor"], params["output_factor"], params["bias"])
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight the factors represent (differentiable)."""
