@@ -336,6 +336,11 @@ class RankProfile:
             raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
         if multiple_of == 1:
             return self
+        if not any(isinstance(r, int) for r in self.ranks):
+            raise ValueError(
+                f"multiple_of={multiple_of} applies to integer ranks; this profile's "
+                f"candidates are {type(self.ranks[0]).__name__} budgets"
+            )
         last = len(self.ranks) - 1
         keep = [
             i
@@ -445,8 +450,8 @@ def select_rank(spec: Union[RankSpec, RankPolicy], profile: RankProfile) -> Any:
       smallest candidate if none fits);
     * :class:`Energy` / :class:`ErrorBound`: the smallest candidate meeting the bound
       (the largest candidate if none does);
-    * :class:`EVBMF`: the EVBMF rank of the profile's spectrum, clamped to the
-      candidates and to ``min_rank``.
+    * :class:`EVBMF`: the candidate standing for the EVBMF rank of the profile's
+      spectrum (candidate ``i`` stands for matrix rank ``i + 1``), at least ``min_rank``.
 
     Raises:
         TypeError: For anything else.
@@ -484,10 +489,9 @@ def select_rank(spec: Union[RankSpec, RankPolicy], profile: RankProfile) -> Any:
             raise ValueError("EVBMF needs a layer whose rank profile carries a spectrum")
         frobenius_sq = sum(v * v for v in profile.spectrum)
         found = evbmf_rank(profile.spectrum, profile.rows, profile.cols, frobenius_sq)
-        ints = [r for r in profile.ranks if isinstance(r, int)]
-        target = max(found, spec.min_rank, min(ints))
-        at_most = [r for r in ints if r <= target]
-        return max(at_most) if at_most else min(ints)
+        # Candidate i stands for matrix rank i + 1 (profiles list ranks 1, 2, ... in order).
+        position = min(max(found, spec.min_rank), len(profile.ranks)) - 1
+        return profile.ranks[position]
     raise TypeError(
         "rank must be an int, a float in (0, 1], or one of Energy, ErrorBound, EVBMF, Budget; "
         f"got {type(spec).__name__} {spec!r}"

@@ -358,8 +358,21 @@ def test_tucker_selectable_through_layers_mapping():
     assert {row.target_type for row in report.replaced} == {"TuckerLinear"}
     # A budget of the full parameter count admits an exact Tucker form of every layer.
     torch.testing.assert_close(model(x), expected, rtol=1e-9, atol=1e-9)
-    with pytest.raises(TypeError, match="needs a rank profile, which TuckerLinear"):
-        factorize_(ToyMLP(), rank=Energy(0.9), layers={nn.Linear: TuckerLinear})
+
+
+@pytest.mark.parametrize("policy", [Energy(0.8), ErrorBound(0.3), EVBMF(), Budget(params=0.5)])
+def test_tucker_accepts_rank_policies_and_meets_error_targets(policy):
+    from factorized_layers import TuckerLinear
+
+    model = _layers_with_spectra([0.8, 0.95], size=24)
+    report = factorize_(model, rank=policy, layers={nn.Linear: TuckerLinear})
+    assert report.replaced and {r.target_type for r in report.replaced} == {"TuckerLinear"}
+    bound = {Energy: (1 - 0.8) ** 0.5, ErrorBound: 0.3}.get(type(policy))
+    if bound is not None:
+        assert all(row.weight_error <= bound + 1e-6 for row in report.replaced)
+    if isinstance(policy, Budget):
+        weights_after = sum(r.params_after - 24 for r in report.layers)
+        assert weights_after <= 0.5 * 2 * 24 * 24
 
 
 class ToyCNN(nn.Module):

@@ -14,14 +14,15 @@ from ..decompose import hooi, hosvd_energy, mode_dot
 from ..functional import tucker_dense_weight, tucker_linear, tucker_plan
 from ..ranks import (
     POLICY_TYPES,
-    Budget,
+    RankProfile,
     allocate_tucker_ranks,
     resolve_tucker_ranks,
     tucker_linear_flops,
     tucker_params,
 )
 from ..tensorize import check_tensorization, tensorize, tensorize_candidates
-from .base import check_source, to_dense_linear
+from .base import check_source, resolve_layer_rank, to_dense_linear
+from .svd import SVDLinear
 
 __all__ = ["TuckerLinear", "TensorizationCandidate", "TensorizationReport"]
 
@@ -267,6 +268,30 @@ class TuckerLinear(nn.Module):
         return tucker_linear_flops(self.out_shape, self.in_shape, self.out_ranks, self.in_ranks)[0]
 
     @classmethod
+    def rank_profile(cls, linear: nn.Linear) -> RankProfile:
+        """Parameter budgets with an error bound each, for rank policies and ``Budget``.
+
+        Candidate ``r`` is the float budget ``r * (in + out) / (in * out)``: the
+        parameters of a rank-``r`` two-mode Tucker ``U G V^T`` (the output factor
+        folded into the core), for every ``r`` below the break-even rank, then the whole
+        budget 1.0 (exact). :meth:`from_dense` at that budget tries the two-mode
+        form among its candidates and keeps the best, whose error is at most the
+        truncated-SVD optimum of rank ``r``, so the profile's errors (that optimum) are
+        upper bounds and a policy's error target is always met.
+        """
+        svd_profile = SVDLinear.rank_profile(linear)
+        dense = linear.in_features * linear.out_features
+        keep = [i for i, params in enumerate(svd_profile.params) if params < dense]
+        # The whole budget (fraction 1.0) represents the weight exactly (all modes folded).
+        return dataclasses.replace(
+            svd_profile,
+            ranks=tuple(svd_profile.params[i] / dense for i in keep) + (1.0,),
+            params=tuple(svd_profile.params[i] for i in keep) + (dense,),
+            flops=tuple(svd_profile.flops[i] for i in keep) + (dense,),
+            errors=tuple(svd_profile.errors[i] for i in keep) + (0.0,),
+        )
+
+    @classmethod
     def from_dense(
         cls,
         linear: nn.Linear,
@@ -304,7 +329,9 @@ class TuckerLinear(nn.Module):
 
         Args:
             linear: The trained layer (any ``nn.Linear`` subclass).
-            rank: ``int``, tuple (output modes first) or ``float`` budget.
+            rank: ``int``, tuple (output modes first) or ``float`` budget, or a rank
+                policy (``Energy``, ``ErrorBound``, ``EVBMF``, ``Budget``) evaluated on
+                :meth:`rank_profile` (it picks a float budget).
             in_shape: Input modes (product ``in_features``).
             out_shape: Output modes (product ``out_features``).
             n_iter: Most HOOI sweeps.
@@ -322,16 +349,13 @@ class TuckerLinear(nn.Module):
             True
         """
         check_source(linear, nn.Linear)
-        if isinstance(rank, Budget):
-            if rank.quantity != "params":
-                raise ValueError(f"TuckerLinear accepts Budget(params=...) only, got {rank!r}")
-            rank = rank.fraction
-        elif isinstance(rank, POLICY_TYPES):
-            raise TypeError(
-                f"TuckerLinear.from_dense takes an int, a tuple, a float or Budget(params=...) "
-                f"rank, got {rank!r}; spectrum policies (Energy, ErrorBound, EVBMF) need a "
-                "single matrix spectrum: use SVDLinear"
-            )
+        if isinstance(rank, POLICY_TYPES):
+            if in_shape is not None or out_shape is not None:
+                raise ValueError(
+                    f"rank policy {rank!r} chooses among tensorizations itself; "
+                    "give an int, tuple or float rank together with in_shape/out_shape"
+                )
+            rank = resolve_layer_rank(cls, linear, rank, lambda spec: spec)
         in_features, out_features = linear.in_features, linear.out_features
         weight = linear.weight
         is_float = (
