@@ -6,6 +6,7 @@ Importing this package does not initialise CUDA and changes no global state.
 """
 
 from . import contract, decompose, functional, ranks
+from .calibrate import InputStats, calibrate
 from .convert import FactorizationReport, LayerReport, factorize_, register_layer, unfactorize_
 from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
 from .layers import CPConv2d, SVDLinear, TuckerLinear
@@ -18,6 +19,8 @@ __all__ = [
     "SVDLinear",
     "TuckerLinear",
     "factorize_",
+    "calibrate",
+    "InputStats",
     "unfactorize_",
     "register_layer",
     "FactorizationReport",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import torch
+import torch.nn as nn
 from hypothesis import strategies as st
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "supported_dtypes",
     "feature_sizes",
     "leading_shapes",
+    "linear_with_spectrum",
 ]
 
 TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
@@ -87,3 +89,22 @@ def leading_shapes(max_dims: int = 3, max_side: int = 4) -> st.SearchStrategy[Tu
     return st.lists(
         st.integers(min_value=0, max_value=max_side), min_size=0, max_size=max_dims
     ).map(tuple)
+
+
+def linear_with_spectrum(
+    out_features: int, in_features: int, decay: float, *, seed: int = 0
+) -> nn.Linear:
+    """A float64 ``nn.Linear`` whose weight has singular values ``decay**i``.
+
+    The singular vectors are random (seeded), so the truncation optimum of every rank
+    is known exactly: ``sqrt(sum_{i >= r} decay**(2i))`` relative to the full norm.
+    """
+    g = torch.Generator().manual_seed(seed)
+    k = min(out_features, in_features)
+    U = torch.linalg.qr(torch.randn(out_features, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(in_features, k, generator=g, dtype=torch.float64)).Q
+    S = decay ** torch.arange(k, dtype=torch.float64)
+    dense = nn.Linear(in_features, out_features, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_((U * S) @ V.T)
+    return dense

@@ -18,6 +18,7 @@ from factorized_layers import (
     unfactorize_,
 )
 from factorized_layers.decompose import svd_tail_error
+from factorized_layers.testing import linear_with_spectrum
 
 
 class ToyMLP(nn.Module):
@@ -220,17 +221,9 @@ def test_bad_budget(kwargs, match):
 
 def _layers_with_spectra(decays, size=48, seed=0):
     """A model of square Linear layers whose weights have singular values decay**i."""
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for decay in decays:
-        U = torch.linalg.qr(torch.randn(size, size, generator=g, dtype=torch.float64)).Q
-        V = torch.linalg.qr(torch.randn(size, size, generator=g, dtype=torch.float64)).Q
-        S = decay ** torch.arange(size, dtype=torch.float64)
-        layer = nn.Linear(size, size, dtype=torch.float64)
-        with torch.no_grad():
-            layer.weight.copy_((U * S) @ V.T)
-        layers.append(layer)
-    return nn.Sequential(*layers)
+    return nn.Sequential(
+        *(linear_with_spectrum(size, size, decay, seed=seed + i) for i, decay in enumerate(decays))
+    )
 
 
 def _squared_error_sum(report):

@@ -15,7 +15,12 @@ from factorized_layers import SVDLinear
 from factorized_layers.contract import contraction_path
 from factorized_layers.decompose import svd_tail_error
 from factorized_layers.functional import svd_linear_input_first
-from factorized_layers.testing import assert_close_to_reference, feature_sizes, leading_shapes
+from factorized_layers.testing import (
+    assert_close_to_reference,
+    feature_sizes,
+    leading_shapes,
+    linear_with_spectrum,
+)
 
 
 def _relative_error(layer, dense):
@@ -24,16 +29,7 @@ def _relative_error(layer, dense):
 
 
 def _decaying_linear(out_features, in_features, decay=0.97, seed=0):
-    """A Linear whose weight has singular values decay**i (random singular vectors)."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(out_features, in_features)
-    U = torch.linalg.qr(torch.randn(out_features, k, generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(in_features, k, generator=g, dtype=torch.float64)).Q
-    S = decay ** torch.arange(k, dtype=torch.float64)
-    dense = nn.Linear(in_features, out_features, dtype=torch.float64)
-    with torch.no_grad():
-        dense.weight.copy_((U * S) @ V.T)
-    return dense
+    return linear_with_spectrum(out_features, in_features, decay, seed=seed)
 
 
 @pytest.mark.parametrize("method", ["full", "randomized", "auto"])
