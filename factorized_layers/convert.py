@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import numbers
 import re
 import sys
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
@@ -297,6 +298,7 @@ def _swap(old: nn.Module, new: nn.Module, parents: List[Tuple[nn.Module, str]]) 
     for attr in _HOOK_DICTS:
         if attr in old.__dict__:
             setattr(new, attr, getattr(old, attr))
+    new._is_full_backward_hook = old._is_full_backward_hook
     for parent, attr in parents:
         setattr(parent, attr, new)
 
@@ -313,11 +315,14 @@ def _collect_targets(
         for fqn, module in model.named_modules()
         if fqn and (target := _target_class(module, mapping)) is not None
     ]
+    # Already-factorized layers count as matches, so that a second call with the same
+    # patterns is a no-op rather than an error.
+    known = [fqn for fqn, _, _ in candidates] + [
+        fqn for fqn, module in model.named_modules() if isinstance(module, tuple(_SOURCES))
+    ]
     for name, patterns in (("include", include), ("exclude", exclude)):
         if patterns:
-            unmatched = [
-                p for p in patterns if not any(_matches(fqn, p) for fqn, _, _ in candidates)
-            ]
+            unmatched = [p for p in patterns if not any(_matches(fqn, p) for fqn in known)]
             if unmatched:
                 raise ValueError(
                     f"{name} pattern(s) {unmatched} match no layer of a converted type; "
@@ -407,7 +412,7 @@ def factorize_(
         )
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
-    if not (isinstance(rank, (int, float)) and not isinstance(rank, bool)) and not isinstance(
+    if not (isinstance(rank, numbers.Real) and not isinstance(rank, bool)) and not isinstance(
         rank, POLICY_TYPES
     ):
         raise TypeError(
@@ -421,10 +426,17 @@ def factorize_(
         _check_patterns("include", include),
         _check_patterns("exclude", exclude),
     )
+    read_by_parent = {
+        id(getattr(parent, name)): f"{name} of nn.{type(parent).__name__}, {why}"
+        for parent in model.modules()
+        for owner, (names, why) in _READ_BY_PARENT.items()
+        if isinstance(parent, owner)
+        for name in names
+    }
     skips = {
         fqn: _Skip(reason)
         for fqn, module, layer_cls in targets
-        if (reason := _unsupported_reason(layer_cls, module)) is not None
+        if (reason := _unsupported_reason(layer_cls, module, read_by_parent)) is not None
     }
     targets_to_rank = [t for t in targets if t[0] not in skips]
     stats = _calibration_stats(model, targets, calibration)
@@ -442,6 +454,7 @@ def factorize_(
                 rank,
                 multiple_of,
                 [o for (fqn, _, _), o in zip(targets, per_layer_options) if fqn not in skips],
+                allow_larger,
             ),
         )
     )
@@ -463,15 +476,24 @@ def factorize_(
     rows, swaps = [], []
     for fqn, module, layer_cls, spec, layer_options, row in _progress(plans, show):
         if row.skipped is None:
-            layer = layer_cls.from_dense(module, spec, **layer_options)
-            _fill_converted_row(row, module, layer, stats.get(fqn))
-            if calibration is not None and "calibration" not in layer_options:
-                row.note = (
-                    "not reached by the calibration data"
-                    if fqn not in stats
-                    else f"{layer_cls.__name__} has no calibrated from_dense"
-                )
-            swaps.append((module, layer))
+            try:
+                layer = layer_cls.from_dense(module, spec, **layer_options)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{fqn} ({type(module).__name__}): {exc}") from exc
+            # The meta plan can differ from the real layer (e.g. Tucker picks its
+            # tensorization from the values): apply the saving rule to what was built.
+            reason = None if allow_larger else _no_saving_reason(layer, module, row)
+            if reason is not None:
+                row.skipped = reason
+            else:
+                _fill_converted_row(row, module, layer, stats.get(fqn))
+                if calibration is not None and "calibration" not in layer_options:
+                    row.note = (
+                        f"{layer_cls.__name__} has no calibrated from_dense"
+                        if not _accepts_calibration(layer_cls)
+                        else "not reached by the calibration data"
+                    )
+                swaps.append((module, layer))
         rows.append(row)
     parents = _parents(model)
     for module, layer in swaps:
@@ -486,7 +508,21 @@ class _Skip:
     reason: str
 
 
-def _unsupported_reason(layer_cls: type, module: nn.Module) -> str | None:
+_READ_BY_PARENT = {
+    nn.MultiheadAttention: (("out_proj",), "whose forward reads its weight directly"),
+    nn.TransformerEncoderLayer: (
+        ("linear1", "linear2"),
+        "whose eval fast path reads their weights directly",
+    ),
+}
+"""Layers whose parent module uses their ``.weight`` tensor instead of calling them."""
+
+
+def _unsupported_reason(
+    layer_cls: type, module: nn.Module, read_by_parent: Dict[int, str]
+) -> str | None:
+    if id(module) in read_by_parent:
+        return read_by_parent[id(module)]
     check = getattr(layer_cls, "unsupported_reason", None)
     return None if check is None else check(module)
 
@@ -511,7 +547,16 @@ def _calibration_stats(
                 )
         return dict(calibration)
     names = {fqn for fqn, _, layer_cls in targets if _accepts_calibration(layer_cls)}
-    return calibrate(model, calibration, filter_fn=lambda module, fqn: fqn in names)
+    if not names:
+        return {}
+    # Eval mode, so that calibration does not update e.g. BatchNorm running statistics.
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        return calibrate(model, calibration, filter_fn=lambda module, fqn: fqn in names)
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _hedged(output_profile: RankProfile, weight_profile: RankProfile) -> RankProfile:
@@ -535,6 +580,7 @@ def _rank_specs(
     rank: Any,
     multiple_of: int,
     per_layer_options: List[Dict[str, Any]],
+    allow_larger: bool,
 ) -> List[Any]:
     """One concrete rank spec per target (or a :class:`_Skip`), from a spec or a policy."""
     needs_profile = isinstance(rank, POLICY_TYPES) or multiple_of > 1
@@ -561,6 +607,10 @@ def _rank_specs(
             profile = _hedged(profile, layer_cls.rank_profile(module))
         profiles.append(profile.restrict_to_multiples(multiple_of))
     if isinstance(rank, Budget):
+        if not allow_larger:
+            # Only candidates that save both parameters and FLOPs, so that the budget's
+            # decisions and the skip rule of _plan_one agree.
+            profiles = [p.saving() for p in profiles]
         choice = allocate_budget(profiles, rank)
         return [
             _Skip("kept dense by the budget") if i is None else p.ranks[i]
@@ -599,13 +649,19 @@ def _plan_one(
         shell = layer_cls.from_dense(_meta_twin(module), spec, **options)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{fqn} ({type(module).__name__}): {exc}") from exc
-    params, flops = _params(shell), shell.flops_per_position()
-    if not allow_larger and (params >= params_before or flops >= flops_before):
-        row.skipped = (
-            f"rank {shell.rank} would not save parameters or FLOPs "
-            f"({params:,} >= {params_before:,} or {flops:,} >= {flops_before:,})"
-        )
+    if not allow_larger:
+        row.skipped = _no_saving_reason(shell, module, row)
     return row
+
+
+def _no_saving_reason(layer: nn.Module, module: nn.Module, row: LayerReport) -> str | None:
+    params, flops = _params(layer), layer.flops_per_position()
+    if params >= row.params_before or flops >= row.flops_before:
+        return (
+            f"rank {layer.rank} would not save parameters or FLOPs "
+            f"({params:,} >= {row.params_before:,} or {flops:,} >= {row.flops_before:,})"
+        )
+    return None
 
 
 def _fill_converted_row(

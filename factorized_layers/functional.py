@@ -447,7 +447,6 @@ def tucker_linear(
         v = None if in_modes[0][2] < 0 else in_factors[in_modes[0][2]]
         if u is None and v is None:
             return F.linear(input, matrix, bias)
-        lead = input.shape[:-1]
         batch = input.numel() // in_features
         if not (plan.always_input_first or _input_first(plan, batch)):
             return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)

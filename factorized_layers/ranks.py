@@ -276,8 +276,8 @@ class RankProfile:
 
     def __post_init__(self) -> None:
         n = len(self.ranks)
-        if n == 0 or not (len(self.params) == len(self.flops) == len(self.errors) == n):
-            raise ValueError(f"RankProfile needs equally long, non-empty candidate lists, got {n}")
+        if not len(self.params) == len(self.flops) == len(self.errors) == n:
+            raise ValueError(f"RankProfile needs equally long candidate lists, got {n} ranks")
 
     @classmethod
     def from_spectrum(
@@ -327,6 +327,28 @@ class RankProfile:
             cols=cols,
         )
 
+    def _subset(self, keep: Sequence[int]) -> RankProfile:
+        return dataclasses.replace(
+            self,
+            ranks=tuple(self.ranks[i] for i in keep),
+            params=tuple(self.params[i] for i in keep),
+            flops=tuple(self.flops[i] for i in keep),
+            errors=tuple(self.errors[i] for i in keep),
+        )
+
+    def saving(self) -> RankProfile:
+        """Only the candidates with fewer parameters *and* FLOPs than the dense layer.
+
+        May be empty: then no factorization of this layer pays off.
+        """
+        return self._subset(
+            [
+                i
+                for i in range(len(self.ranks))
+                if self.params[i] < self.dense_params and self.flops[i] < self.dense_flops
+            ]
+        )
+
     def restrict_to_multiples(self, multiple_of: int) -> RankProfile:
         """Keep only integer candidates divisible by ``multiple_of`` (plus the largest).
 
@@ -342,17 +364,12 @@ class RankProfile:
                 f"candidates are {type(self.ranks[0]).__name__} budgets"
             )
         last = len(self.ranks) - 1
-        keep = [
-            i
-            for i, r in enumerate(self.ranks)
-            if i == last or (isinstance(r, int) and r % multiple_of == 0)
-        ]
-        return dataclasses.replace(
-            self,
-            ranks=tuple(self.ranks[i] for i in keep),
-            params=tuple(self.params[i] for i in keep),
-            flops=tuple(self.flops[i] for i in keep),
-            errors=tuple(self.errors[i] for i in keep),
+        return self._subset(
+            [
+                i
+                for i, r in enumerate(self.ranks)
+                if i == last or (isinstance(r, int) and r % multiple_of == 0)
+            ]
         )
 
 
@@ -450,8 +467,9 @@ def select_rank(spec: Union[RankSpec, RankPolicy], profile: RankProfile) -> Any:
       smallest candidate if none fits);
     * :class:`Energy` / :class:`ErrorBound`: the smallest candidate meeting the bound
       (the largest candidate if none does);
-    * :class:`EVBMF`: the candidate standing for the EVBMF rank of the profile's
-      spectrum (candidate ``i`` stands for matrix rank ``i + 1``), at least ``min_rank``.
+    * :class:`EVBMF`: the smallest integer candidate at least the EVBMF rank of the
+      profile's spectrum (and ``min_rank``); for budget candidates, candidate ``i``
+      stands for matrix rank ``i + 1``.
 
     Raises:
         TypeError: For anything else.
@@ -489,9 +507,13 @@ def select_rank(spec: Union[RankSpec, RankPolicy], profile: RankProfile) -> Any:
             raise ValueError("EVBMF needs a layer whose rank profile carries a spectrum")
         frobenius_sq = sum(v * v for v in profile.spectrum)
         found = evbmf_rank(profile.spectrum, profile.rows, profile.cols, frobenius_sq)
-        # Candidate i stands for matrix rank i + 1 (profiles list ranks 1, 2, ... in order).
-        position = min(max(found, spec.min_rank), len(profile.ranks)) - 1
-        return profile.ranks[position]
+        target = max(found, spec.min_rank)
+        if all(isinstance(r, int) for r in profile.ranks):
+            # The smallest integer candidate reaching the EVBMF rank (candidates may have
+            # been restricted, e.g. to multiples of 8).
+            return next((r for r in profile.ranks if r >= target), profile.ranks[-1])
+        # Budget candidates: candidate i stands for matrix rank i + 1.
+        return profile.ranks[min(target, len(profile.ranks)) - 1]
     raise TypeError(
         "rank must be an int, a float in (0, 1], or one of Energy, ErrorBound, EVBMF, Budget; "
         f"got {type(spec).__name__} {spec!r}"

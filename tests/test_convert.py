@@ -424,3 +424,103 @@ def test_cnn_default_mapping_skips_grouped_convolutions_with_reason():
     dense_weights = sum(m.weight.numel() for n, m in ToyCNN().named_children() if n != "depthwise")
     assert weights_after <= 0.5 * dense_weights
     assert model(torch.randn(1, 3, 8, 8, dtype=torch.float64)).shape == (1, 10)
+
+
+# ----------------------------------------------------------------- review regressions
+
+
+def test_multihead_attention_out_proj_is_left_dense_and_model_still_runs():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True).eval()
+    x = torch.randn(2, 5, 64)
+    report = factorize_(layer, 0.25)
+    rows = {row.name: row for row in report.layers}
+    assert rows["self_attn.out_proj"].skipped.startswith("out_proj of nn.MultiheadAttention")
+    assert rows["linear1"].skipped.startswith("linear1 of nn.TransformerEncoderLayer")
+    assert layer(x).shape == (2, 5, 64)
+    attention = nn.ModuleDict({"mha": nn.MultiheadAttention(32, 4), "proj": nn.Linear(32, 32)})
+    report = factorize_(attention, 8)
+    assert [row.name for row in report.replaced] == ["proj"]
+    q = torch.randn(3, 2, 32)
+    assert attention["mha"](q, q, q)[0].shape == (3, 2, 32)
+
+
+def test_budget_is_respected_when_strided_convolutions_cannot_save_flops():
+    model = nn.Sequential(
+        nn.Conv2d(64, 64, 3, stride=3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 64)
+    )
+    report = factorize_(model, Budget(params=0.3))
+    weights_after = sum(r.params_after - r.shape[0] for r in report.layers)
+    dense_weights = 64 * 64 * 9 + 64 * 64
+    assert weights_after <= 0.3 * dense_weights
+    for row in report.replaced:
+        assert row.flops_after < row.flops_before and row.params_after < row.params_before
+
+
+def test_evbmf_with_multiple_of_rounds_the_true_rank_up():
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(256, 12, generator=g, dtype=torch.float64) @ torch.randn(
+        12, 256, generator=g, dtype=torch.float64
+    )
+    dense = nn.Linear(256, 256, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(signal + 0.01 * torch.randn(256, 256, generator=g, dtype=torch.float64))
+    assert SVDLinear.from_dense(dense, EVBMF()).rank == 12
+    report = factorize_(nn.Sequential(dense), EVBMF(), multiple_of=8)
+    assert report.layers[0].rank == 16
+
+
+def test_layers_whose_real_factorization_saves_nothing_stay_dense():
+    from factorized_layers import TuckerLinear
+
+    model = nn.Sequential(nn.Linear(64, 48))
+    report = factorize_(model, 0.9, layers={nn.Linear: TuckerLinear})
+    row = report.layers[0]
+    if row.skipped is None:
+        assert row.flops_after < row.flops_before and row.params_after < row.params_before
+    else:
+        assert isinstance(model[0], nn.Linear) and "would not save" in row.skipped
+
+
+def test_parametrized_factor_and_full_backward_hook_survive():
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    fired = []
+    model[0].register_full_backward_hook(lambda m, gi, go: fired.append("full"))
+    factorize_(model, 2)
+    model(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    assert fired == ["full"]
+    parametrize.register_parametrization(model[0], "input_factor", nn.Identity())
+    assert model(torch.randn(3, 8)).shape == (3, 2)
+
+
+def test_repeated_call_with_include_is_a_no_op():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    factorize_(model, 4, include=["0"])
+    report = factorize_(model, 4, include=["0"])
+    assert len(report) == 0 and isinstance(model[2], nn.Linear)
+
+
+def test_calibration_runs_in_eval_mode_and_restores_training_flags():
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)).train()
+    model[1].eval()
+    data = [torch.randn(10, 8) for _ in range(3)]
+    factorize_(model, 4, calibration=data)
+    assert model[1].num_batches_tracked.item() == 0
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_frozen_source_stays_frozen():
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+    model[0].requires_grad_(False)
+    factorize_(model, 3)
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(p.requires_grad for p in model[2].parameters())
+    unfactorize_(model)
+    assert not model[0].weight.requires_grad and not model[0].bias.requires_grad
+
+
+def test_constructor_names_bad_feature_sizes():
+    with pytest.raises(ValueError, match="in_features must be a positive integer, got 0"):
+        SVDLinear(0, 4, 1)

@@ -27,7 +27,7 @@ from ..ranks import (
     dense_conv_flops,
     resolve_cp_rank,
 )
-from .base import check_source, resolve_layer_rank
+from .base import check_source, resolve_layer_rank, trainable_like
 
 __all__ = ["CPConv2d"]
 
@@ -253,9 +253,10 @@ class CPConv2d(nn.Module):
                 padding_mode=self.padding_mode,
                 dtype=weight.dtype,
             )
-        dense.weight = nn.Parameter(weight.clone())
+        trainable = any(p.requires_grad for p in self.parameters() if p is not self.bias)
+        dense.weight = nn.Parameter(weight.clone(), requires_grad=trainable)
         if self.bias is not None:
-            dense.bias = nn.Parameter(self.bias.detach().clone())
+            dense.bias = trainable_like(self.bias.detach().clone(), self.bias)
         return dense.train(self.training)
 
     def flops_per_position(self) -> int:
@@ -283,9 +284,11 @@ class CPConv2d(nn.Module):
         Fitting CP at every rank would cost a CP-ALS per candidate, so the error of
         rank ``R`` is estimated by the best rank-``R`` error of the kernel's
         ``(out, in * kh * kw)`` unfolding (Eckart--Young). That is a lower bound of
-        the CP error, so policies on CP layers are optimistic; the report gives the
-        fitted error. Candidates run up to the unfolding's rank (where the estimate
-        reaches 0), at most :func:`~factorized_layers.ranks.cp_max_rank`.
+        the CP error (0 from the unfolding's rank on), so policies on CP layers are
+        optimistic: ``Energy``/``ErrorBound`` targets are not guaranteed and ``Budget``
+        under-allocates to convolutions; the report gives the fitted error.
+        Candidates are the ranks that save parameters, at most
+        :func:`~factorized_layers.ranks.cp_max_rank`.
         """
         check_source(conv, nn.Conv2d)
         weight = conv.weight.detach()
@@ -294,13 +297,15 @@ class CPConv2d(nn.Module):
         compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
         singular_values = torch.linalg.svdvals(unfolding.to(compute)).tolist()
         shape = tuple(weight.shape)
-        top = min(cp_max_rank(shape), min(unfolding.shape))
+        saving = (weight.numel() - 1) // sum(shape)
+        top = max(1, min(cp_max_rank(shape), saving))
         ranks = tuple(range(1, top + 1))
         total = sum(v * v for v in singular_values)
         errors = []
         tail = total
         for r in ranks:
-            tail -= singular_values[r - 1] ** 2
+            if r <= len(singular_values):
+                tail -= singular_values[r - 1] ** 2
             errors.append(math.sqrt(max(tail, 0.0) / total) if total > 0 else 0.0)
         return RankProfile(
             ranks=ranks,
@@ -399,12 +404,12 @@ class CPConv2d(nn.Module):
         with torch.no_grad():
             result = cp_factors(weight, rank, n_iter=n_iter, tol=tol, seed=seed, **als_options)
             out_f, in_f, height_f, width_f = result.factors
-            layer.out_channel_factor = nn.Parameter(out_f.contiguous())
-            layer.in_channel_factor = nn.Parameter(in_f.contiguous())
-            layer.height_factor = nn.Parameter(height_f.contiguous())
-            layer.width_factor = nn.Parameter(width_f.contiguous())
+            layer.out_channel_factor = trainable_like(out_f, weight)
+            layer.in_channel_factor = trainable_like(in_f, weight)
+            layer.height_factor = trainable_like(height_f, weight)
+            layer.width_factor = trainable_like(width_f, weight)
             if conv.bias is not None:
-                layer.bias = nn.Parameter(conv.bias.detach().clone())
+                layer.bias = trainable_like(conv.bias.detach().clone(), conv.bias)
         if weight.device.type != "meta":
             layer.fit_error = result.error
             layer.fit_info = {

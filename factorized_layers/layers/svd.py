@@ -19,7 +19,14 @@ from ..ranks import (
     low_rank_break_even,
     resolve_matrix_rank,
 )
-from .base import check_source, resolve_layer_rank, to_dense_linear
+from .base import (
+    check_positive,
+    check_source,
+    fast_parameter,
+    resolve_layer_rank,
+    to_dense_linear,
+    trainable_like,
+)
 
 __all__ = ["SVDLinear"]
 
@@ -97,8 +104,8 @@ class SVDLinear(nn.Module):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = check_positive("in_features", in_features)
+        self.out_features = check_positive("out_features", out_features)
         self.rank = resolve_matrix_rank(rank, out_features, in_features)
         self._always_input_first = self.rank <= low_rank_break_even(out_features, in_features)
         self.input_factor = nn.Parameter(torch.empty((self.rank, in_features), **factory_kwargs))
@@ -128,15 +135,15 @@ class SVDLinear(nn.Module):
             nn.init.uniform_(self.bias, -bias_bound, bias_bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # Parameters straight from the dict (nn.Module.__getattr__ costs about a
-        # microsecond each, which shows at batch 1); below the break-even rank the
-        # input-first order is optimal for every batch size, so no plan is looked up.
-        params = self._parameters
+        # Below the break-even rank the input-first order is optimal for every batch
+        # size, so no plan is looked up.
+        input_factor = fast_parameter(self, "input_factor")
+        output_factor = fast_parameter(self, "output_factor")
+        bias = fast_parameter(self, "bias")
         if self._always_input_first:
             check_linear_input(input, self.in_features)
-            hidden = F.linear(input, params["input_factor"])
-            return F.linear(hidden, params["output_factor"], params["bias"])
-        return svd_linear(input, params["input_factor"], params["output_factor"], params["bias"])
+            return F.linear(F.linear(input, input_factor), output_factor, bias)
+        return svd_linear(input, input_factor, output_factor, bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight the factors represent (differentiable)."""
@@ -251,10 +258,10 @@ class SVDLinear(nn.Module):
                 output_factor, input_factor = whitened_low_rank_factors(
                     weight, gram, rank, **svd_options
                 )
-            layer.output_factor = nn.Parameter(output_factor.contiguous())
-            layer.input_factor = nn.Parameter(input_factor.contiguous())
+            layer.output_factor = trainable_like(output_factor, weight)
+            layer.input_factor = trainable_like(input_factor, weight)
             if linear.bias is not None:
-                layer.bias = nn.Parameter(linear.bias.detach().clone())
+                layer.bias = trainable_like(linear.bias.detach().clone(), linear.bias)
         return layer.train(linear.training)
 
     def extra_repr(self) -> str:

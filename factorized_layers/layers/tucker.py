@@ -21,7 +21,13 @@ from ..ranks import (
     tucker_params,
 )
 from ..tensorize import check_tensorization, tensorize, tensorize_candidates
-from .base import check_source, resolve_layer_rank, to_dense_linear
+from .base import (
+    check_source,
+    fast_parameter,
+    resolve_layer_rank,
+    to_dense_linear,
+    trainable_like,
+)
 from .svd import SVDLinear
 
 __all__ = ["TuckerLinear", "TensorizationCandidate", "TensorizationReport"]
@@ -241,15 +247,12 @@ class TuckerLinear(nn.Module):
             nn.init.uniform_(self.bias, -bias_bound, bias_bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # Read the factors straight from the parameter dict: nn.Module.__getattr__ costs
-        # about a microsecond per name, which shows at batch 1.
-        params = self._parameters
         return tucker_linear(
             input,
-            params["core"],
-            tuple(params[name] for name in self._out_names),
-            tuple(params[name] for name in self._in_names),
-            params["bias"],
+            fast_parameter(self, "core"),
+            tuple(fast_parameter(self, name) for name in self._out_names),
+            tuple(fast_parameter(self, name) for name in self._in_names),
+            fast_parameter(self, "bias"),
             plan=self._plan,
         )
 
@@ -402,12 +405,12 @@ class TuckerLinear(nn.Module):
                     bias=linear.bias is not None,
                     dtype=weight.dtype,
                 )
-            layer.core = nn.Parameter(core.to(weight.dtype).contiguous())
+            layer.core = trainable_like(core.to(weight.dtype), weight)
             for name, factor in zip(layer._out_names + layer._in_names, factors):
                 if factor is not None:
-                    setattr(layer, name, nn.Parameter(factor.to(weight.dtype).contiguous()))
+                    setattr(layer, name, trainable_like(factor.to(weight.dtype), weight))
             if linear.bias is not None:
-                layer.bias = nn.Parameter(linear.bias.detach().clone())
+                layer.bias = trainable_like(linear.bias.detach().clone(), linear.bias)
         layer.tensorization_report = report
         return layer.train(linear.training)
 
