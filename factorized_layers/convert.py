@@ -352,6 +352,7 @@ def factorize_(
     allow_larger: bool = False,
     progress: bool | None = None,
     calibration: Iterable[Any] | Mapping[str, InputStats] | None = None,
+    layer_options: Mapping[type, Mapping[str, Any]] | None = None,
     **options: Any,
 ) -> FactorizationReport:
     """Replace the dense layers of ``model`` by factorized ones, in place.
@@ -386,7 +387,11 @@ def factorize_(
             square of output and weight error (robust to calibration data unlike the
             data the model will see); the report gives each layer's relative output
             error on the data.
-        **options: Passed to every ``from_dense`` (e.g. ``seed=``, ``method=``).
+        layer_options: ``{layer class: {option: value}}`` for one class's
+            ``from_dense`` only, e.g. ``{CPConv2d: {"n_iter": 300}}`` (options mean
+            different things per class: ``n_iter`` is power iterations for SVD, HOOI
+            sweeps for Tucker, ALS sweeps for CP).
+        **options: Passed to every ``from_dense`` (e.g. ``seed=``).
 
     Returns:
         A :class:`FactorizationReport`.
@@ -440,10 +445,17 @@ def factorize_(
     }
     targets_to_rank = [t for t in targets if t[0] not in skips]
     stats = _calibration_stats(model, targets, calibration)
+    per_class = dict(layer_options or {})
+    unknown = [cls for cls in per_class if cls not in _SOURCES]
+    if unknown:
+        raise ValueError(
+            f"layer_options keys must be registered layer classes, got {unknown}; "
+            f"registered: {sorted(c.__name__ for c in _SOURCES)}"
+        )
     per_layer_options = [
-        dict(options, calibration=stats[fqn])
+        dict(options, **per_class.get(layer_cls, {}), calibration=stats[fqn])
         if fqn in stats and _accepts_calibration(layer_cls)
-        else options
+        else dict(options, **per_class.get(layer_cls, {}))
         for fqn, _, layer_cls in targets
     ]
     ranked = dict(

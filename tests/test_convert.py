@@ -11,6 +11,7 @@ import torch.nn as nn
 from factorized_layers import (
     EVBMF,
     Budget,
+    CPConv2d,
     Energy,
     ErrorBound,
     SVDLinear,
@@ -524,3 +525,17 @@ def test_frozen_source_stays_frozen():
 def test_constructor_names_bad_feature_sizes():
     with pytest.raises(ValueError, match="in_features must be a positive integer, got 0"):
         SVDLinear(0, 4, 1)
+
+
+def test_per_class_options_and_clear_error_for_options_that_do_not_apply():
+    model = ToyCNN(dtype=torch.float32)
+    report = factorize_(
+        model, 0.3, include=["conv2", "head"], layer_options={CPConv2d: {"n_iter": 5, "ridge": 0.0}}
+    )
+    assert {row.target_type for row in report.replaced} == {"CPConv2d", "SVDLinear"}
+    assert model.conv2.fit_info["n_iter"] <= 5
+    data = [torch.randn(4, 20)]
+    with pytest.raises(TypeError, match=r"with calibration, from_dense takes ridge=.*\['seed'\]"):
+        factorize_(nn.Sequential(nn.Linear(20, 20)), 4, calibration=data, seed=0)
+    with pytest.raises(ValueError, match="layer_options keys must be registered layer classes"):
+        factorize_(ToyMLP(), 4, layer_options={nn.Linear: {}})

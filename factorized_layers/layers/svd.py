@@ -236,6 +236,13 @@ class SVDLinear(nn.Module):
         check_source(linear, nn.Linear)
         weight = linear.weight
         gram = _gram_of(calibration)
+        if gram is not None:
+            unsupported = sorted(set(svd_options) - {"ridge", "compute_dtype"})
+            if unsupported:
+                raise TypeError(
+                    f"with calibration, from_dense takes ridge= and compute_dtype= only "
+                    f"(the whitened SVD is exact); got {unsupported}"
+                )
         rank = resolve_layer_rank(
             cls,
             linear,
