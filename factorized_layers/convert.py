@@ -24,7 +24,7 @@ import torch.nn as nn
 from .calibrate import InputStats, calibrate
 from .decompose import relative_output_error
 from .layers import CPConv2d, SVDLinear, TuckerLinear
-from .ranks import POLICY_TYPES, Budget, RankProfile, allocate_budget, select_rank
+from .ranks import POLICY_TYPES, Budget, RankProfile, allocate_budget, check_positive, select_rank
 
 __all__ = [
     "FactorizationReport",
@@ -415,8 +415,7 @@ def factorize_(
             f"factorize_ converts the layers inside a model, but the model itself is a "
             f"{type(model).__name__}: use {root_target.__name__}.from_dense(layer, rank)"
         )
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    multiple_of = check_positive("multiple_of", multiple_of)
     if not (isinstance(rank, numbers.Real) and not isinstance(rank, bool)) and not isinstance(
         rank, POLICY_TYPES
     ):

@@ -18,6 +18,7 @@ import numbers
 from typing import Any, Sequence, Tuple, Union
 
 __all__ = [
+    "check_positive",
     "RankSpec",
     "RankPolicy",
     "RankProfile",
@@ -43,7 +44,8 @@ __all__ = [
 RankSpec = Union[int, float]
 
 
-def _check_dim(name: str, value: int) -> int:
+def check_positive(name: str, value: int) -> int:
+    """``value`` as an ``int``; ``ValueError`` naming ``name`` unless it is a positive integer."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
@@ -105,8 +107,8 @@ def resolve_matrix_rank(spec: RankSpec, rows: int, cols: int) -> int:
         >>> resolve_matrix_rank(16, 384, 1536)
         16
     """
-    rows = _check_dim("rows", rows)
-    cols = _check_dim("cols", cols)
+    rows = check_positive("rows", rows)
+    cols = check_positive("cols", cols)
     return _resolve_linear_cost_rank(
         spec,
         max_rank=min(rows, cols),
@@ -354,8 +356,7 @@ class RankProfile:
 
         The largest candidate is always kept so that the profile is never empty.
         """
-        if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-            raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+        multiple_of = check_positive("multiple_of", multiple_of)
         if multiple_of == 1:
             return self
         if not any(isinstance(r, int) for r in self.ranks):
@@ -632,7 +633,7 @@ def _check_shape(shape) -> tuple:
         raise ValueError(f"shape must be a sequence of positive integers, got {shape!r}") from None
     if not dims:
         raise ValueError("shape must have at least one mode, got ()")
-    return tuple(_check_dim(f"shape[{i}]", d) for i, d in enumerate(dims))
+    return tuple(check_positive(f"shape[{i}]", d) for i, d in enumerate(dims))
 
 
 def cp_params(shape, rank: int) -> int:
@@ -759,7 +760,7 @@ def _check_modes(shape) -> tuple[int, ...]:
     modes = tuple(shape)
     if not modes:
         raise ValueError("a Tucker shape needs at least one mode, got ()")
-    return tuple(_check_dim("mode size", m) for m in modes)
+    return tuple(check_positive("mode size", m) for m in modes)
 
 
 def tucker_params(shape, ranks) -> int:

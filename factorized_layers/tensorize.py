@@ -23,15 +23,11 @@ import math
 import numbers
 from typing import List, Tuple
 
+from .ranks import check_positive
+
 __all__ = ["prime_factors", "tensorize", "tensorize_candidates", "check_tensorization"]
 
 Shape = Tuple[int, ...]
-
-
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def prime_factors(n: int) -> List[int]:
@@ -41,7 +37,7 @@ def prime_factors(n: int) -> List[int]:
         >>> prime_factors(384)
         [2, 2, 2, 2, 2, 2, 2, 3]
     """
-    n = _positive("n", n)
+    n = check_positive("n", n)
     factors, p = [], 2
     while p * p <= n:
         while n % p == 0:
@@ -84,8 +80,8 @@ def tensorize(n: int, max_modes: int = 3) -> Shape:
         >>> tensorize(1536), tensorize(384), tensorize(384, 2), tensorize(97)
         ((16, 12, 8), (8, 8, 6), (24, 16), (97,))
     """
-    n = _positive("n", n)
-    max_modes = _positive("max_modes", max_modes)
+    n = check_positive("n", n)
+    max_modes = check_positive("max_modes", max_modes)
     k = min(max_modes, len(prime_factors(n)))
     if k <= 1:
         return (n,)
@@ -104,7 +100,7 @@ def tensorize_candidates(
         >>> tensorize_candidates(7, 5)
         [((7,), (5,))]
     """
-    max_modes = _positive("max_modes", max_modes)
+    max_modes = check_positive("max_modes", max_modes)
     out = []
     for k in range(1, max_modes + 1):
         pair = (tensorize(out_features, k), tensorize(in_features, k))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
 import torch
@@ -13,9 +12,9 @@ from ..ranks import POLICY_TYPES, select_rank
 __all__ = [
     "check_source",
     "to_dense_linear",
+    "fill_dense",
     "resolve_layer_rank",
     "fast_parameter",
-    "check_positive",
     "trainable_like",
 ]
 
@@ -31,13 +30,6 @@ def fast_parameter(module: nn.Module, name: str) -> Any:
     """
     value = module._parameters.get(name, _MISSING)
     return getattr(module, name) if value is _MISSING else value
-
-
-def check_positive(name: str, value: int) -> int:
-    """``value`` as an ``int``; ``ValueError`` naming ``name`` unless it is a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def trainable_like(tensor: torch.Tensor, source: torch.Tensor) -> nn.Parameter:
@@ -59,11 +51,23 @@ def check_source(module: nn.Module, expected: type) -> None:
 
 def to_dense_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
     """An ``nn.Linear`` with ``weight`` and ``layer.bias``, matching device, dtype and mode."""
-    bias = getattr(layer, "bias", None)
     with torch.device("meta"):
         dense = nn.Linear(
-            weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype
+            weight.shape[1],
+            weight.shape[0],
+            bias=getattr(layer, "bias", None) is not None,
+            dtype=weight.dtype,
         )
+    return fill_dense(dense, layer, weight)
+
+
+def fill_dense(dense: nn.Module, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """Give a (meta-built) dense ``dense`` the weight ``weight`` and ``layer``'s bias.
+
+    The weight is trainable when any factor of ``layer`` is, the bias copies its
+    source's flag, and ``dense`` takes ``layer``'s ``training`` mode.
+    """
+    bias = getattr(layer, "bias", None)
     trainable = any(p.requires_grad for p in layer.parameters() if p is not bias)
     with torch.no_grad():
         dense.weight = nn.Parameter(weight.detach().clone(), requires_grad=trainable)

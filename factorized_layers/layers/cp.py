@@ -21,23 +21,18 @@ from ..ranks import (
     RankPolicy,
     RankProfile,
     RankSpec,
+    check_positive,
     cp_conv_flops,
     cp_max_rank,
     cp_params,
     dense_conv_flops,
     resolve_cp_rank,
 )
-from .base import check_source, resolve_layer_rank, trainable_like
+from .base import check_source, fill_dense, resolve_layer_rank, trainable_like
 
 __all__ = ["CPConv2d"]
 
 _IntOr2 = Union[int, Tuple[int, int]]
-
-
-def _check_channels(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class CPConv2d(nn.Module):
@@ -156,8 +151,8 @@ class CPConv2d(nn.Module):
                 "depthwise convolutions as nn.Conv2d (a depthwise kernel is already as "
                 "cheap as its CP form), or factorize each group's nn.Conv2d separately"
             )
-        self.in_channels = _check_channels("in_channels", in_channels)
-        self.out_channels = _check_channels("out_channels", out_channels)
+        self.in_channels = check_positive("in_channels", in_channels)
+        self.out_channels = check_positive("out_channels", out_channels)
         self.kernel_size = conv_tuple(kernel_size, 2, "kernel_size")
         self.stride = conv_tuple(stride, 2, "stride")
         self.dilation = conv_tuple(dilation, 2, "dilation")
@@ -253,11 +248,7 @@ class CPConv2d(nn.Module):
                 padding_mode=self.padding_mode,
                 dtype=weight.dtype,
             )
-        trainable = any(p.requires_grad for p in self.parameters() if p is not self.bias)
-        dense.weight = nn.Parameter(weight.clone(), requires_grad=trainable)
-        if self.bias is not None:
-            dense.bias = trainable_like(self.bias.detach().clone(), self.bias)
-        return dense.train(self.training)
+        return fill_dense(dense, self, weight)
 
     def flops_per_position(self) -> int:
         """Multiply-accumulates per output pixel (all output channels), bias excluded."""

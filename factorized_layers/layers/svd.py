@@ -16,11 +16,11 @@ from ..ranks import (
     RankPolicy,
     RankProfile,
     RankSpec,
+    check_positive,
     low_rank_break_even,
     resolve_matrix_rank,
 )
 from .base import (
-    check_positive,
     check_source,
     fast_parameter,
     resolve_layer_rank,

@@ -16,6 +16,7 @@ from ..ranks import (
     POLICY_TYPES,
     RankProfile,
     allocate_tucker_ranks,
+    check_positive,
     resolve_tucker_ranks,
     tucker_linear_flops,
     tucker_params,
@@ -72,12 +73,6 @@ class TensorizationReport:
                 f"params={c.params} error={c.error:.4f}"
             )
         return "\n".join(lines)
-
-
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _shapes(
@@ -185,8 +180,8 @@ class TuckerLinear(nn.Module):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.in_features = _positive("in_features", in_features)
-        self.out_features = _positive("out_features", out_features)
+        self.in_features = check_positive("in_features", in_features)
+        self.out_features = check_positive("out_features", out_features)
         self.out_shape, self.in_shape = _shapes(in_features, out_features, in_shape, out_shape)
         self.rank = resolve_tucker_ranks(rank, self.out_shape + self.in_shape)
         n_out = len(self.out_shape)
