@@ -7,8 +7,10 @@ numbers measured in the same call of :func:`interleaved_medians`.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Dict
 
@@ -69,3 +71,33 @@ def machine_info(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         info += f", {torch.cuda.get_device_name()}"
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``model name`` in ``/proc/cpuinfo`` on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_details(device: str = "cpu") -> Dict[str, str]:
+    """Everything a results table needs to say where it was measured, as strings.
+
+    Keys: ``cpu``, ``cores`` (logical CPUs, and how many this process may use),
+    ``torch``, ``python``, ``threads`` (``torch.get_num_threads()``) and ``device``
+    (``cpu`` or the CUDA device's name).
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "cores": f"{os.cpu_count()} logical ({usable} usable)",
+        "torch": torch.__version__,
+        "python": platform.python_version() + f" ({sys.platform})",
+        "threads": str(torch.get_num_threads()),
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+    }
