@@ -31,7 +31,9 @@ __all__ = [
     "LayerReport",
     "factorize_",
     "unfactorize_",
+    "truncate_",
     "register_layer",
+    "registered_layers",
     "default_layers",
 ]
 
@@ -62,6 +64,16 @@ def register_layer(layer_cls: type, *source_types: type) -> None:
     if not source_types:
         raise ValueError(f"register_layer({layer_cls.__name__}) needs at least one source type")
     _SOURCES[layer_cls] = tuple(source_types)
+
+
+def registered_layers() -> Dict[type, Tuple[type, ...]]:
+    """A copy of the registry: factorized layer class -> dense types it replaces.
+
+    Examples:
+        >>> registered_layers()[SVDLinear]
+        (<class 'torch.nn.modules.linear.Linear'>,)
+    """
+    return dict(_SOURCES)
 
 
 register_layer(SVDLinear, nn.Linear)
@@ -385,8 +397,9 @@ def factorize_(
             accepts ``calibration`` then minimise the output error on that data; rank
             policies use output-error spectra; ``Budget`` allocates on the root mean
             square of output and weight error (robust to calibration data unlike the
-            data the model will see); the report gives each layer's relative output
-            error on the data.
+            data the model will see); the report gives each linear layer's relative
+            output error on the data (a convolution's input-channel Gram does not
+            determine its output error).
         layer_options: ``{layer class: {option: value}}`` for one class's
             ``from_dense`` only, e.g. ``{CPConv2d: {"n_iter": 300}}`` (options mean
             different things per class: ``n_iter`` is power iterations for SVD, HOOI
@@ -612,7 +625,12 @@ def _rank_specs(
             )
         profile_options = {}
         if "calibration" in layer_options:
-            profile_options["calibration"] = layer_options["calibration"]
+            # The whitening options (e.g. ridge=) shape the output-error spectrum: the
+            # profile gets every option of from_dense it takes.
+            accepted = inspect.signature(layer_cls.rank_profile).parameters
+            profile_options = {
+                name: value for name, value in layer_options.items() if name in accepted
+            }
         profile = layer_cls.rank_profile(module, **profile_options)
         if isinstance(rank, Budget) and profile_options:
             profile = _hedged(profile, layer_cls.rank_profile(module))
@@ -718,3 +736,118 @@ def unfactorize_(model: nn.Module) -> nn.Module:
     for module in factorized:
         _swap(module, module.to_dense(), parents.get(id(module), []))
     return model
+
+
+def truncate_(
+    model: nn.Module,
+    rank: Any,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    **options: Any,
+) -> FactorizationReport:
+    """Lower the rank of ``model``'s factorized layers, in place, from their factors.
+
+    Each targeted layer is replaced by ``layer.truncated(rank, **options)``, which
+    re-decomposes the layer's own factors -- never the original dense weight -- so a
+    fine-tuned model can be compressed further: the SVD layer's error is the
+    Eckart--Young optimum for its current weight, Tucker runs HOOI on its core, CP
+    runs ALS on its factors. Layers already at or below the rank are left as they
+    are (a skipped row in the report). Hooks, sharing, device, dtype, ``training``
+    and ``requires_grad`` flags are kept, as in :func:`factorize_`. Optimizers hold
+    the old parameters: create a new one afterwards.
+
+    Args:
+        model: A model with factorized layers.
+        rank: The new rank spec of every targeted layer, in the layer constructor's
+            terms (``int``; ``float`` fraction of the *dense* weight's parameters;
+            a tuple for ``TuckerLinear``), or ``{name: spec}`` for chosen layers
+            (exact names; the others are left unchanged).
+        filter_fn: ``filter_fn(module, fqn) -> bool``; only layers it accepts change.
+        include: Names to truncate (syntax of :func:`factorize_`).
+        exclude: Names to leave unchanged.
+        **options: Passed to every ``truncated`` (e.g. ``n_iter=``).
+
+    Returns:
+        A :class:`FactorizationReport`; ``weight_error`` is each layer's relative
+        change ``||W_old - W_new|| / ||W_old||``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, is itself a factorized layer, or
+            ``rank`` is a policy.
+        ValueError: Bad ranks, or names/patterns that match no factorized layer.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+        >>> _ = factorize_(model, rank=16)
+        >>> report = truncate_(model, rank=4)
+        >>> model[0].rank, report.replaced[0].params_after
+        (4, 576)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"truncate_ expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, tuple(_SOURCES)):
+        raise TypeError(
+            f"truncate_ works on the layers inside a model; call {type(model).__name__}"
+            ".truncated(rank) on a single layer"
+        )
+    if isinstance(rank, POLICY_TYPES):
+        raise TypeError(
+            f"truncate_ takes a rank spec (int, float, tuple) or {{name: spec}}, not the "
+            f"policy {rank!r}"
+        )
+    layers = {cls: cls for cls in _SOURCES}
+    targets = _collect_targets(
+        model,
+        layers,
+        filter_fn,
+        _check_patterns("include", include),
+        _check_patterns("exclude", exclude),
+    )
+    if isinstance(rank, Mapping):
+        names = {fqn for fqn, _, _ in targets}
+        unknown = sorted(set(rank) - names)
+        if unknown:
+            raise ValueError(
+                f"rank names {unknown} are not targeted factorized layers; "
+                f"candidates are {sorted(names)[:20]}"
+            )
+        targets = [t for t in targets if t[0] in rank]
+    parents = _parents(model)
+    rows = []
+    for fqn, layer, layer_cls in targets:
+        spec = rank[fqn] if isinstance(rank, Mapping) else rank
+        new = layer.truncated(spec, **options)
+        row = LayerReport(
+            name=fqn,
+            source_type=layer_cls.__name__,
+            target_type=layer_cls.__name__,
+            shape=tuple(layer.dense_weight().shape),
+            rank=new.rank,
+            params_before=_params(layer),
+            params_after=_params(new),
+            flops_before=layer.flops_per_position(),
+            flops_after=new.flops_per_position(),
+            weight_error=None,
+        )
+        if new.rank == layer.rank:
+            row.params_after, row.flops_after = row.params_before, row.flops_before
+            row.skipped = f"already at or below rank {spec!r}"
+        else:
+            row.weight_error = _relative_change(layer, new)
+            _swap(layer, new, parents.get(id(layer), []))
+        rows.append(row)
+    return FactorizationReport(rows)
+
+
+def _relative_change(old: nn.Module, new: nn.Module) -> float | None:
+    """``||W_old - W_new|| / ||W_old||`` in float32/64 (``None`` on meta)."""
+    with torch.no_grad():
+        before = old.dense_weight()
+        if before.device.type == "meta":
+            return None
+        compute = torch.float64 if before.dtype == torch.float64 else torch.float32
+        before = before.to(compute)
+        norm = float(before.norm())
+        return float((before - new.dense_weight().to(compute)).norm()) / norm if norm else 0.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Tuple
+from typing import Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -36,6 +36,11 @@ __all__ = [
     "cp_factors",
     "cp_to_tensor",
     "khatri_rao",
+    "whiten_mode",
+    "whitened_cp_factors",
+    "reduce_low_rank",
+    "reduce_tucker",
+    "reduce_cp",
 ]
 
 _METHODS = ("auto", "full", "randomized")
@@ -264,13 +269,16 @@ def _normalized_gram(gram: torch.Tensor, device: torch.device, dtype: torch.dtyp
     """``gram`` scaled to unit mean diagonal before the cast to ``dtype``.
 
     Whitened truncation only depends on the Gram matrix up to scale, and a float64
-    Gram of large activations can overflow float32.
+    Gram of large activations can overflow float32. An all-zero Gram becomes the
+    identity.
     """
     wide = gram.detach().to(device=device, dtype=torch.float64)
     scale = wide.diagonal().mean()
     if scale > 0:
-        wide = wide / scale
-    return wide.to(dtype)
+        return (wide / scale).to(dtype)
+    # All-zero inputs carry no information about the output error: weigh every input
+    # direction equally, which makes the whitened truncation the plain one.
+    return torch.eye(wide.shape[0], device=device, dtype=dtype)
 
 
 def whitening_root(gram: torch.Tensor, *, ridge: float = 1e-6) -> torch.Tensor:
@@ -287,13 +295,28 @@ def whitening_root(gram: torch.Tensor, *, ridge: float = 1e-6) -> torch.Tensor:
         >>> torch.allclose(S @ S.T, x.T @ x)
         True
     """
-    if ridge < 0 or not math.isfinite(ridge):
+    eigenvectors, root_eigenvalues = _whitening_eig(gram, ridge)
+    return eigenvectors * root_eigenvalues
+
+
+def _check_ridge(ridge: float) -> None:
+    if (
+        isinstance(ridge, bool)
+        or not isinstance(ridge, (int, float))
+        or ridge < 0
+        or not math.isfinite(ridge)
+    ):
         raise ValueError(f"ridge must be a finite non-negative float, got {ridge!r}")
+
+
+def _whitening_eig(gram: torch.Tensor, ridge: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(E, d)``, ``E`` orthogonal and ``d >= 0``, with ``whitening_root(gram) = E * d``."""
+    _check_ridge(ridge)
     symmetric = (gram + gram.mT) / 2
     scale = symmetric.diagonal().mean().clamp_min(0)
     eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
     eigenvalues = eigenvalues.clamp_min(0) + ridge * scale
-    return eigenvectors * eigenvalues.sqrt()
+    return eigenvectors, eigenvalues.sqrt()
 
 
 def whitened_singular_values(
@@ -862,6 +885,144 @@ def cp_factors(tensor: torch.Tensor, rank: RankSpec, **als_options) -> CPDecompo
     )
 
 
+def whiten_mode(
+    tensor: torch.Tensor,
+    gram: torch.Tensor,
+    mode: int,
+    *,
+    ridge: float = 1e-6,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``tensor x_mode S^T`` for the :func:`whitening_root` ``S`` of ``gram`` (normalised).
+
+    When ``mode`` is the input-channel mode of a kernel and ``gram`` the Gram matrix of
+    the input channels over all positions, Frobenius errors of the result weigh each
+    channel direction by how much the data visits it.
+
+    Args:
+        tensor: Any floating tensor (meta included).
+        gram: ``(n, n)`` Gram matrix, ``n = tensor.shape[mode]``.
+        mode: The mode to whiten.
+        ridge: Relative ridge of :func:`whitening_root`.
+        compute_dtype: ``torch.float32`` or ``torch.float64`` (default as in
+            :func:`truncated_svd`).
+
+    Returns:
+        The whitened tensor in the compute dtype, on ``tensor``'s device.
+
+    Raises:
+        ValueError: Bad ``mode``, ``ridge`` or Gram shape, NaN/Inf Gram.
+
+    Examples:
+        >>> t = torch.randn(4, 3, 2, dtype=torch.float64)
+        >>> torch.allclose(whiten_mode(t, torch.eye(3), 1, ridge=0.0), t)
+        True
+    """
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < tensor.dim():
+        raise ValueError(f"mode must be an integer in [0, {tensor.dim() - 1}], got {mode!r}")
+    _check_gram(gram, tensor.shape[mode])
+    _check_ridge(ridge)
+    dtype = _compute_dtype(tensor, compute_dtype)
+    if tensor.device.type == "meta":
+        return torch.empty(tensor.shape, device="meta", dtype=dtype)
+    vectors, values = _whitening_eig(_normalized_gram(gram, tensor.device, torch.float64), ridge)
+    return mode_dot(tensor.detach().to(dtype), (vectors * values).mT.to(dtype), mode)
+
+
+def whitened_cp_factors(
+    tensor: torch.Tensor,
+    gram: torch.Tensor,
+    rank: RankSpec,
+    *,
+    mode: int = 1,
+    whitening_ridge: float = 1e-6,
+    **als_options,
+) -> CPDecomposition:
+    """CP factors fitted in the metric of one mode's input Gram (data-aware CP).
+
+    For a convolution kernel ``(out, in, kh, kw)`` and the Gram of the input channels
+    over every batch element and position, the error of each input-channel direction
+    counts as much as the data visits it (a dead channel costs nothing). Steps:
+
+    1. CP-ALS (:func:`cp_als`) of :func:`whiten_mode` ``(tensor, gram, mode)``;
+    2. back to the original space without inverting the Gram: the ``mode`` factor is
+       refit by least squares against ``tensor`` with the other factors fixed. For an
+       invertible whitening root this is the same minimiser as in the whitened
+       metric (``S^{-T}`` times the whitened one), and directions the data never
+       visits get the plain least-squares fit of the weights instead of an amplified
+       one;
+    3. the weights spread evenly over the factors, as in :func:`cp_factors`.
+
+    With an identity (or all-zero) Gram this is :func:`cp_factors` followed by one
+    least-squares refit of ``mode``, which never raises the fit error.
+
+    Args:
+        tensor: Floating tensor with at least 2 modes, on any device (meta included).
+        gram: ``(n, n)`` Gram matrix of the data along ``mode`` (``n = tensor.shape[mode]``).
+        rank: Rank spec, as in :func:`cp_als`.
+        mode: The data mode (1, input channels, for a convolution kernel).
+        whitening_ridge: Relative ridge of :func:`whitening_root`.
+        **als_options: ``n_iter``, ``tol``, ``seed``, ``ridge``, ``compute_dtype``,
+            ``diverging_norm`` of :func:`cp_als`.
+
+    Returns:
+        :class:`CPDecomposition` with ``weights`` all ones, factors in ``tensor``'s
+        dtype, and ``error`` the relative error in the whitened metric
+        ``||(T - T') x_mode S^T|| / ||T x_mode S^T||``.
+
+    Raises:
+        ValueError: Bad rank, mode, ridge, options or Gram shape; NaN/Inf values.
+        TypeError: Non-tensor or non-floating input.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> kernel = torch.randn(6, 5, 3, 3, generator=g, dtype=torch.float64)
+        >>> x = torch.randn(40, 2, generator=g, dtype=torch.float64)
+        >>> x = x @ torch.randn(2, 5, generator=g, dtype=torch.float64)  # 2 live directions
+        >>> result = whitened_cp_factors(kernel, x.T @ x, 18, n_iter=500, tol=0.0)
+        >>> result.error < 1e-3
+        True
+    """
+    _check_cp_tensor(tensor)
+    whitened = whiten_mode(
+        tensor,
+        gram,
+        mode,
+        ridge=whitening_ridge,
+        compute_dtype=als_options.get("compute_dtype"),
+    )
+    if tensor.device.type == "meta":
+        return cp_factors(tensor, rank, **als_options)
+    fit = _cp_als_fit(whitened, rank, **als_options)
+    dtype = whitened.dtype
+    work = tensor.detach().to(dtype)
+    factors = list(fit.factors)
+    others = [n for n in range(work.dim()) if n != mode]
+    mttkrp = _partial_contraction(work, factors, others).double()
+    grams = [f.double().mT @ f.double() for f in factors]
+    weights, unit = _als_update(mttkrp, grams, mode, fit.ridge, torch.finfo(dtype).eps)
+    factors[mode] = unit.to(dtype)
+    root = weights.clamp_min(0) ** (1.0 / len(factors))
+    factors = [f * root.to(dtype) for f in factors]
+    reference = float(whitened.double().norm())
+    if reference == 0.0:
+        error = 0.0
+    else:
+        residual = whiten_mode(
+            work - cp_to_tensor(None, factors),
+            gram,
+            mode,
+            ridge=whitening_ridge,
+            compute_dtype=dtype,
+        )
+        error = float(residual.double().norm()) / reference
+    return fit._replace(
+        weights=torch.ones(len(root), device=work.device, dtype=tensor.dtype),
+        factors=tuple(f.to(tensor.dtype) for f in factors),
+        error=error,
+    )
+
+
 # ---------------------------------------------------------------------------
 # Tucker decomposition: HOSVD and HOOI on N-way tensors
 # ---------------------------------------------------------------------------
@@ -1149,6 +1310,269 @@ def hooi(
     return _finish(best[0], best[1], error, sweeps, tensor.dtype)
 
 
+def mode_grams(gram: torch.Tensor, shape: Sequence[int]) -> Tuple[torch.Tensor, ...]:
+    """Per-mode Gram matrices of inputs seen as tensors of ``shape`` (partial traces).
+
+    For inputs ``x_t`` reshaped (row-major) to ``shape``, the mode-``k`` Gram is
+    ``sum_t X_t(k) X_t(k)^T`` with ``X_t(k)`` the mode-``k`` unfolding of ``x_t``: the
+    full Gram ``sum_t x_t x_t^T`` with every other mode traced out, so no new
+    statistics are needed.
+
+    Args:
+        gram: ``(n, n)`` Gram matrix, ``n = prod(shape)``.
+        shape: Modes of the inputs.
+
+    Returns:
+        One ``(shape[k], shape[k])`` matrix per mode, in ``gram``'s dtype and device.
+
+    Raises:
+        ValueError: If ``gram`` is not ``(prod(shape), prod(shape))``.
+
+    Examples:
+        >>> x = torch.randn(5, 6, dtype=torch.float64)
+        >>> g0, g1 = mode_grams(x.T @ x, (2, 3))
+        >>> xs = x.reshape(5, 2, 3)
+        >>> torch.allclose(g0, torch.einsum("tab,tcb->ac", xs, xs))
+        True
+    """
+    shape = tuple(int(n) for n in shape)
+    features = math.prod(shape)
+    _check_gram(gram, features)
+    order = len(shape)
+    if order == 1:
+        return (gram,)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:order]
+    tensor = gram.reshape(shape + shape)
+    grams = []
+    for k in range(order):
+        columns = "".join(c.upper() if j == k else c for j, c in enumerate(letters))
+        grams.append(torch.einsum(f"{letters}{columns}->{letters[k]}{letters[k].upper()}", tensor))
+    return tuple(grams)
+
+
+def _input_mode_roots(
+    gram: torch.Tensor, in_shape: Tuple[int, ...], ridge: float, dtype: torch.dtype
+) -> Tuple[torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """The normalised Gram (float64) and ``(E_k, d_k)`` (in ``dtype``) of every mode's root."""
+    normalized = _normalized_gram(gram, gram.device, torch.float64)
+    # Trace of the normalised Gram = in_features, so every mode's ridge term is the
+    # partial trace of ridge * I: the modes share one regularisation.
+    roots = [_whitening_eig(g, ridge) for g in mode_grams(normalized, in_shape)]
+    return normalized, [(e.to(dtype), d.to(dtype)) for e, d in roots]
+
+
+def _check_in_modes(tensor: torch.Tensor, in_modes: int) -> Tuple[int, ...]:
+    if (
+        isinstance(in_modes, bool)
+        or not isinstance(in_modes, int)
+        or not (1 <= in_modes <= tensor.dim())
+    ):
+        raise ValueError(
+            f"in_modes must be an integer in [1, {tensor.dim()}] (the tensor has "
+            f"{tensor.dim()} modes), got {in_modes!r}"
+        )
+    return tuple(tensor.shape[tensor.dim() - in_modes :])
+
+
+def whiten_input_modes(
+    tensor: torch.Tensor,
+    gram: torch.Tensor,
+    in_modes: int,
+    *,
+    ridge: float = 1e-6,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``tensor`` with every input mode multiplied by its whitening root: ``T x_k S_k^T``.
+
+    The last ``in_modes`` modes of ``tensor`` are the input modes of a weight tensor
+    (``out_shape + in_shape``); ``S_k`` is the :func:`whitening_root` of the
+    mode-``k`` Gram (:func:`mode_grams` of the normalised ``gram``). For
+    Kronecker-structured inputs (``gram = G_1 (x) G_2 (x) ...``) the Frobenius error of
+    a Tucker approximation of the result is exactly the output error on the data;
+    otherwise it is the Kronecker approximation of it. Its HOSVD energy ranks Tucker
+    budgets by output error (:func:`whitened_tucker` decomposes it).
+
+    Args:
+        tensor: ``out_shape + in_shape`` weight tensor.
+        gram: ``(in, in)`` input Gram matrix ``X^T X``, ``in = prod(in_shape)``.
+        in_modes: Number of trailing input modes.
+        ridge: Relative ridge of :func:`whitening_root`.
+        compute_dtype: ``torch.float32`` or ``torch.float64`` (default as in :func:`hosvd`).
+
+    Returns:
+        The whitened tensor in the compute dtype (so that low-precision weights lose
+        nothing), on ``tensor``'s device.
+
+    Examples:
+        >>> w = torch.randn(4, 2, 3, dtype=torch.float64)
+        >>> eye = torch.eye(6, dtype=torch.float64)
+        >>> torch.allclose(whiten_input_modes(w, eye, 2, ridge=0.0), w * 6**0.5)
+        True
+    """
+    _check_tucker_tensor(tensor)
+    in_shape = _check_in_modes(tensor, in_modes)
+    _check_gram(gram, math.prod(in_shape))
+    dtype = _compute_dtype(tensor, compute_dtype)
+    if tensor.device.type == "meta":
+        return torch.empty(tensor.shape, device="meta", dtype=dtype)
+    _, roots = _input_mode_roots(gram.detach().to(tensor.device), in_shape, ridge, dtype)
+    first = tensor.dim() - in_modes
+    work = tensor.detach().to(dtype)
+    for k, (vectors, values) in enumerate(roots):
+        work = mode_dot(work, (vectors * values).mT, first + k)
+    return work
+
+
+def _gram_weighted_core(
+    tensor: torch.Tensor,
+    out_factors: Sequence[torch.Tensor],
+    in_factors: Sequence[torch.Tensor],
+    gram: torch.Tensor,
+) -> torch.Tensor:
+    """Core ``C`` minimising ``||(W - U C B^T) S||_F`` for ``S S^T = gram`` (float64).
+
+    ``U`` and ``B`` are the Kronecker products of the (orthonormal) output and input
+    factors, never formed: ``C = (U^T W) G B (B^T G B)^{-1}``, with the Gram's
+    products taken mode by mode on its ``in_shape + in_shape`` view.
+    """
+    first = len(out_factors)
+    in_shape = tuple(tensor.shape[first:])
+    in_ranks = tuple(f.shape[1] for f in in_factors)
+    projected = tensor
+    for k, factor in enumerate(out_factors):
+        projected = mode_dot(projected, factor.mT, k)
+    out_ranks = tuple(projected.shape[:first])
+    flat = projected.double().reshape(math.prod(out_ranks), -1)
+    wide = gram.reshape(in_shape + in_shape)
+    for k, factor in enumerate(in_factors):
+        wide = mode_dot(wide, factor.double().mT, len(in_shape) + k)
+    gram_b = wide.reshape(math.prod(in_shape), -1)  # G B
+    narrow = wide
+    for k, factor in enumerate(in_factors):
+        narrow = mode_dot(narrow, factor.double().mT, k)
+    system = narrow.reshape(gram_b.shape[1], -1)  # B^T G B
+    system = (system + system.mT) / 2
+    rhs = (flat @ gram_b).mT
+    chol, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        solution = torch.cholesky_solve(rhs, chol)
+    else:
+        solution = torch.linalg.pinv(system, hermitian=True) @ rhs
+    return solution.mT.reshape(out_ranks + in_ranks)
+
+
+def whitened_tucker(
+    tensor: torch.Tensor,
+    gram: torch.Tensor,
+    ranks,
+    *,
+    in_modes: int,
+    ridge: float = 1e-6,
+    n_iter: int = 30,
+    tol: float = 1e-6,
+    compute_dtype: torch.dtype | None = None,
+) -> TuckerDecomposition:
+    """Tucker approximation of a weight tensor minimising the output error on calibration data.
+
+    ``tensor`` is a linear layer's ``(out, in)`` weight seen as ``out_shape + in_shape``
+    (the last ``in_modes`` modes take the input). Three steps, none of which forms an
+    inverse of a Gram matrix:
+
+    1. :func:`hooi` of :func:`whiten_input_modes` (each input mode multiplied by the
+       root of its partial-trace Gram), giving orthonormal output factors ``U_k`` and
+       whitened input factors ``V_k``;
+    2. each input factor mapped back to the input space as an orthonormal basis of
+       ``S_k^{-T} V_k`` (``S_k = E_k diag(d_k)``, so this is ``E_k diag(1/d_k) V_k``;
+       directions the data never visits, ``d = 0`` with ``ridge=0``, get 0);
+    3. the core refit exactly for the full Gram: ``C = (U^T W) G B (B^T G B)^{-1}``
+       with the ridged, normalised Gram ``G`` (Cholesky in float64, pseudo-inverse
+       if singular), the optimal core for these factors.
+
+    The mode whitening is exact only for Kronecker-structured Grams, so the factors
+    of plain :func:`hooi` at the same ranks, with their core refit the same way,
+    compete, and the lower output error wins: the result is never worse on the
+    calibration data than plain HOOI (up to the ridge).
+
+    With isotropic inputs (``gram = c I``) this is :func:`hooi` exactly; for the two-mode
+    form ``(out,), (in,)`` the input factor spans the leading right singular vectors
+    of ``W S`` and the output error reaches the whitened-SVD optimum. Modes kept whole
+    get the identity, as in :func:`hooi`.
+
+    Args:
+        tensor: ``out_shape + in_shape`` floating tensor on any device (meta included).
+        gram: ``(in, in)`` input Gram ``X^T X`` (e.g. ``InputStats.gram``), any float dtype.
+        ranks: Multilinear ranks, output modes first, as in :func:`hosvd`.
+        in_modes: Number of trailing input modes.
+        ridge: Relative ridge of :func:`whitening_root`, also added to the Gram of the
+            core refit; ``0`` is allowed (then rank-deficient data is handled by
+            pseudo-inverses).
+        n_iter: Most HOOI sweeps.
+        tol: HOOI stops when a sweep improves the (whitened) error by less.
+        compute_dtype: ``torch.float32`` or ``torch.float64`` (default as in :func:`hosvd`).
+
+    Returns:
+        :class:`TuckerDecomposition` in ``tensor``'s dtype and device whose ``error``
+        is the relative *output* error ``||(W - W') X^T|| / ||W X^T||`` on the
+        calibration data (no ridge), ``n_iter`` the HOOI sweeps of the winning factors.
+
+    Raises:
+        ValueError: Bad ranks, ``in_modes``, ``ridge`` or Gram shape; NaN/Inf values.
+        TypeError: Non-tensor or non-floating input.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> w = torch.randn(6, 4, 6, dtype=torch.float64, generator=g)
+        >>> x = torch.randn(40, 3, dtype=torch.float64, generator=g)
+        >>> x = x @ torch.randn(3, 24, dtype=torch.float64, generator=g)
+        >>> result = whitened_tucker(w, x.T @ x, (6, 4, 3), in_modes=2, ridge=0.0)
+        >>> result.error < 1e-6
+        True
+    """
+    ranks, dtype = _tucker_setup(tensor, ranks, compute_dtype)
+    in_shape = _check_in_modes(tensor, in_modes)
+    _check_gram(gram, math.prod(in_shape))
+    if tensor.device.type == "meta":
+        _check_ridge(ridge)
+        return _meta_tucker(tensor, ranks)
+    first = tensor.dim() - in_modes
+    work = tensor.detach().to(dtype)
+    normalized, roots = _input_mode_roots(gram.detach().to(tensor.device), in_shape, ridge, dtype)
+    whitened = work
+    for k, (vectors, values) in enumerate(roots):
+        whitened = mode_dot(whitened, (vectors * values).mT, first + k)
+    fitted = hooi(whitened, ranks, n_iter=n_iter, tol=tol, compute_dtype=dtype)
+    mapped_in = []
+    for (vectors, values), factor, size, rank in zip(
+        roots, fitted.factors[first:], in_shape, ranks[first:]
+    ):
+        if rank == size:
+            mapped_in.append(torch.eye(size, device=work.device, dtype=dtype))
+            continue
+        floor = float(values.max()) * torch.finfo(dtype).eps * size
+        inverse = torch.where(
+            values > floor, 1.0 / values.clamp_min(floor), torch.zeros_like(values)
+        )
+        mapped = (vectors * inverse) @ factor
+        mapped_in.append(torch.linalg.svd(mapped, full_matrices=False).U)
+    # The mode whitening only approximates a non-Kronecker Gram, so the plain HOOI
+    # factors (with the refit core) compete: the result never loses to plain HOOI.
+    plain = hooi(work, ranks, n_iter=n_iter, tol=tol, compute_dtype=dtype)
+    ridged = normalized + ridge * torch.eye(
+        normalized.shape[0], device=work.device, dtype=torch.float64
+    )
+    best = None
+    for factors, sweeps in (
+        (tuple(fitted.factors[:first]) + tuple(mapped_in), fitted.n_iter),
+        (plain.factors, plain.n_iter),
+    ):
+        core = _gram_weighted_core(work, factors[:first], factors[first:], ridged).to(dtype)
+        approximation = tucker_to_tensor(core, factors).reshape(-1, normalized.shape[0])
+        error = relative_output_error(work.reshape(approximation.shape), approximation, normalized)
+        if best is None or error < best[2]:
+            best = (core, factors, error, sweeps)
+    return _finish(*best, tensor.dtype)
+
+
 __all__ += [
     "TuckerDecomposition",
     "mode_dot",
@@ -1156,4 +1580,285 @@ __all__ += [
     "hosvd",
     "hosvd_energy",
     "hooi",
+    "mode_grams",
+    "whiten_input_modes",
+    "whitened_tucker",
 ]
+
+
+# ---------------------------------------------------------------------------
+# Rank reduction of factored weights (no dense reconstruction)
+# ---------------------------------------------------------------------------
+
+
+def _orthonormal_basis(factor: torch.Tensor, dtype: torch.dtype):
+    """``factor = Q R`` with orthonormal ``Q`` (reduced QR in ``dtype``)."""
+    return torch.linalg.qr(factor.detach().to(dtype), mode="reduced")
+
+
+def reduce_low_rank(
+    output_factor: torch.Tensor,
+    input_factor: torch.Tensor,
+    rank: int,
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors of the best rank-``rank`` approximation of ``B @ A``.
+
+    ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (thin QR), then the SVD of the small
+    ``R_B R_A^T`` gives the SVD of ``B A`` without forming it: the result is the
+    Eckart--Young optimum for ``B A``, in ``O((m + n) r^2)`` instead of
+    ``O(m n min(m, n))``. The singular values are split evenly as in
+    :func:`low_rank_factors`.
+
+    Args:
+        output_factor: ``B``, ``(m, r)``.
+        input_factor: ``A``, ``(r, n)``.
+        rank: New rank in ``[1, r]``.
+        compute_dtype: float32 (default; float64 for float64 factors) or float64.
+
+    Returns:
+        ``(B', A')`` of shapes ``(m, rank)`` and ``(rank, n)`` in the factors' dtype.
+
+    Examples:
+        >>> b, a = torch.randn(6, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+        >>> b2, a2 = reduce_low_rank(b, a, 2)
+        >>> s = torch.linalg.svdvals(b @ a)
+        >>> bool(torch.isclose(torch.linalg.norm(b @ a - b2 @ a2), s[2:].norm()))
+        True
+    """
+    current = output_factor.shape[1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= current:
+        raise ValueError(f"rank must be an int in [1, {current}], got {rank!r}")
+    dtype = output_factor.dtype
+    if output_factor.device.type == "meta":
+        meta = dict(device="meta", dtype=dtype)
+        return (
+            torch.empty(output_factor.shape[0], rank, **meta),
+            torch.empty(rank, input_factor.shape[1], **meta),
+        )
+    compute = _compute_dtype(output_factor, compute_dtype)
+    _check_matrix(output_factor)
+    _check_matrix(input_factor)
+    q_out, r_out = _orthonormal_basis(output_factor, compute)
+    q_in, r_in = _orthonormal_basis(input_factor.mT, compute)
+    U, S, Vh = torch.linalg.svd(r_out @ r_in.mT)
+    root = S[:rank].sqrt()
+    new_output = q_out @ (U[:, :rank] * root)
+    new_input = (root[:, None] * Vh[:rank]) @ q_in.mT
+    return new_output.to(dtype), new_input.to(dtype)
+
+
+def reduce_tucker(
+    core: torch.Tensor,
+    factors,
+    ranks,
+    *,
+    n_iter: int = 30,
+    tol: float = 1e-6,
+    compute_dtype: torch.dtype | None = None,
+) -> TuckerDecomposition:
+    """Tucker approximation with lower multilinear ranks of a Tucker tensor, from its parts.
+
+    Each factor is orthonormalised (``U_k = Q_k R_k``, ``None`` = identity), the
+    ``R_k`` are absorbed into the core, and :func:`hooi` runs on that small core;
+    the new factors are ``Q_k`` times the core's factors. Since the ``Q_k`` are
+    orthonormal this is exactly HOOI (and its HOSVD start) on the full tensor, which
+    is never formed.
+
+    Args:
+        core: Core of shape ``r_0 x r_1 x ...``.
+        factors: One ``(n_k, r_k)`` factor per mode, or ``None`` (identity, ``n_k = r_k``).
+        ranks: New multilinear ranks, each in ``[1, r_k]`` (as :func:`hooi` takes them,
+            relative to the full tensor's mode sizes ``n_k``).
+        n_iter: Most HOOI sweeps.
+        tol: HOOI's stopping threshold.
+        compute_dtype: As in :func:`hooi`.
+
+    Returns:
+        :class:`TuckerDecomposition` of the full tensor: core of shape ``ranks``,
+        orthonormal ``(n_k, ranks[k])`` factors, and the relative error with respect
+        to the input Tucker tensor.
+
+    Examples:
+        >>> t = torch.randn(6, 5, 4, dtype=torch.float64)
+        >>> big = hooi(t, (4, 4, 3))
+        >>> small = reduce_tucker(big.core, big.factors, (2, 2, 2))
+        >>> full = tucker_to_tensor(big.core, big.factors)
+        >>> abs(small.error - hooi(full, (2, 2, 2)).error) < 1e-8
+        True
+    """
+    from .ranks import resolve_tucker_ranks
+
+    if not isinstance(core, torch.Tensor):
+        raise TypeError(f"core must be a torch.Tensor, got {type(core).__name__}")
+    factors = list(factors)
+    if len(factors) != core.dim():
+        raise ValueError(f"got {len(factors)} factors for a core with {core.dim()} modes")
+    sizes = []
+    for k, (factor, r) in enumerate(zip(factors, core.shape)):
+        if factor is not None and (factor.dim() != 2 or factor.shape[1] != r):
+            raise ValueError(
+                f"factor {k} must have shape (n, {r}) to match the core, got {tuple(factor.shape)}"
+            )
+        sizes.append(r if factor is None else factor.shape[0])
+    ranks = resolve_tucker_ranks(ranks, tuple(sizes))
+    too_big = [(k, r, c) for k, (r, c) in enumerate(zip(ranks, core.shape)) if r > c]
+    if too_big:
+        raise ValueError(
+            f"new ranks must not exceed the current ones (mode, new, current): {too_big}"
+        )
+    if core.device.type == "meta":
+        return _meta_tucker(torch.empty(sizes, device="meta", dtype=core.dtype), ranks)
+    compute = _compute_dtype(core, compute_dtype)
+    small = core.detach().to(compute)
+    bases = []
+    for k, factor in enumerate(factors):
+        if factor is None:
+            bases.append(None)
+            continue
+        q, r = _orthonormal_basis(factor, compute)
+        small = mode_dot(small, r, k)
+        bases.append(q)
+    result = hooi(small, ranks, n_iter=n_iter, tol=tol)
+    new_factors = tuple(
+        inner if q is None else q @ inner for q, inner in zip(bases, result.factors)
+    )
+    dtype = core.dtype
+    return TuckerDecomposition(
+        result.core.to(dtype),
+        tuple(f.to(dtype) for f in new_factors),
+        result.error,
+        result.n_iter,
+    )
+
+
+def reduce_cp(
+    factors,
+    rank: int,
+    *,
+    n_iter: int = 100,
+    tol: float = 1e-7,
+    ridge: float = 1e-9,
+) -> CPDecomposition:
+    """Rank-``rank`` CP approximation of a CP tensor ``[[A_0, ..., A_{N-1}]]``, from its factors.
+
+    ALS on the Kruskal tensor itself: the MTTKRP of mode ``n`` is
+    ``A_n (*_{m != n} A_m^T B_m)`` and the error follows from the Gram matrices,
+    so every step costs ``O(sum_k n_k R r)`` and the full tensor is never formed.
+    It starts from the ``rank`` components of largest norm (so the result is never
+    worse than dropping the others) and keeps the best iterate. All algebra runs in
+    float64 (the matrices are small).
+
+    Args:
+        factors: ``N >= 2`` factors ``(n_k, R)`` with the component weights absorbed.
+        rank: New rank in ``[1, R]``.
+        n_iter: Most ALS sweeps (``>= 1``).
+        tol: Stop when the relative error changes by less than ``tol`` (relative).
+        ridge: Relative Tikhonov term of the normal equations, in ``[0, 0.1]``.
+
+    Returns:
+        :class:`CPDecomposition` with the weights spread evenly over the factors
+        (``weights`` all ones, as :func:`cp_factors`), the relative error with respect
+        to the input CP tensor, sweeps run and whether it converged.
+
+    Examples:
+        >>> big = cp_factors(torch.randn(5, 4, 3, dtype=torch.float64), 8)
+        >>> small = reduce_cp(big.factors, 3)
+        >>> full = cp_to_tensor(None, big.factors)
+        >>> fit = (full - cp_to_tensor(None, small.factors)).norm() / full.norm()
+        >>> abs(float(fit) - small.error) < 1e-8
+        True
+    """
+    factors = list(factors)
+    if len(factors) < 2 or any(not isinstance(f, torch.Tensor) or f.dim() != 2 for f in factors):
+        raise ValueError("factors must be at least two 2-D tensors (n_k, R)")
+    current = factors[0].shape[1]
+    if any(f.shape[1] != current for f in factors):
+        raise ValueError(
+            f"factors must share their column count, got {[tuple(f.shape) for f in factors]}"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= current:
+        raise ValueError(f"rank must be an int in [1, {current}], got {rank!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
+    if not 0.0 <= ridge <= _CP_MAX_RIDGE:
+        raise ValueError(f"ridge must be a number in [0, {_CP_MAX_RIDGE}], got {ridge!r}")
+    dtype, device = factors[0].dtype, factors[0].device
+    if device.type == "meta":
+        return CPDecomposition(
+            torch.ones(rank, device=device, dtype=dtype),
+            tuple(torch.empty(f.shape[0], rank, device=device, dtype=dtype) for f in factors),
+            math.nan,
+            0,
+            False,
+            False,
+            float(ridge),
+        )
+    source = [f.detach().double() for f in factors]
+    for k, f in enumerate(source):
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"factor {k} contains NaN/Inf values")
+    # Normalise: source components have unit columns times `strength`.
+    norms = torch.stack([f.norm(dim=0) for f in source])
+    strength = norms.prod(dim=0)
+    source = [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(source, norms)]
+    source_grams = [f.T @ f for f in source]
+    total = torch.ones_like(source_grams[0])
+    for g in source_grams:
+        total = total * g
+    norm_squared = float(strength @ total @ strength)
+    if norm_squared <= 0.0:
+        zero = tuple(torch.zeros(f.shape[0], rank, device=device, dtype=dtype) for f in factors)
+        return CPDecomposition(
+            torch.ones(rank, device=device, dtype=dtype), zero, 0.0, 0, True, False, float(ridge)
+        )
+    keep = strength.argsort(descending=True)[:rank]
+    approx = [f[:, keep].clone() for f in source]
+    weights = strength[keep].clone()
+    grams = [f.T @ f for f in approx]
+    tiny = torch.finfo(torch.float64).eps
+
+    def relative_error(weights: torch.Tensor, approx) -> float:
+        cross = torch.ones(current, rank, device=device, dtype=torch.float64)
+        own = torch.ones(rank, rank, device=device, dtype=torch.float64)
+        for f, a in zip(source, approx):
+            cross = cross * (f.T @ a)
+            own = own * (a.T @ a)
+        squared = (
+            norm_squared - 2.0 * float(strength @ cross @ weights) + float(weights @ own @ weights)
+        )
+        return math.sqrt(max(squared, 0.0) / norm_squared)
+
+    best = (relative_error(weights, approx), weights.clone(), [a.clone() for a in approx])
+    previous, sweeps, converged = best[0], 0, False
+    for sweep in range(1, n_iter + 1):
+        sweeps = sweep
+        for mode in range(len(source)):
+            cross = torch.ones(current, rank, device=device, dtype=torch.float64)
+            for other, (f, a) in enumerate(zip(source, approx)):
+                if other != mode:
+                    cross = cross * (f.T @ a)
+            mttkrp = source[mode] @ (strength[:, None] * cross)
+            weights, approx[mode] = _als_update(mttkrp, grams, mode, ridge, tiny)
+            grams[mode] = approx[mode].T @ approx[mode]
+        error = relative_error(weights, approx)
+        if not math.isfinite(error):
+            break
+        if error < best[0]:
+            best = (error, weights.clone(), [a.clone() for a in approx])
+        if abs(previous - error) <= tol * max(previous, tiny) or error <= 10 * tiny:
+            converged = True
+            break
+        previous = error
+    error, weights, approx = best
+    root = weights.clamp_min(0) ** (1.0 / len(approx))
+    return CPDecomposition(
+        torch.ones(rank, device=device, dtype=dtype),
+        tuple((a * root).to(dtype) for a in approx),
+        error,
+        sweeps,
+        converged,
+        False,
+        float(ridge),
+    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ __all__ = [
     "resolve_layer_rank",
     "fast_parameter",
     "trainable_like",
+    "layer_from_config",
 ]
 
 _MISSING = object()
@@ -98,3 +100,27 @@ def resolve_layer_rank(
             )
         return select_rank(spec, layer_cls.rank_profile(module, **profile_options))
     return plain(spec)
+
+
+def layer_from_config(
+    cls: type,
+    config: Mapping[str, Any],
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> nn.Module:
+    """``cls(**config, device=device, dtype=dtype)`` with errors that name the class.
+
+    ``config`` comes from a layer's ``get_config()`` -- possibly through a file, so a
+    non-mapping, non-string keys or arguments the constructor does not take raise
+    ``TypeError``; bad values raise the constructor's own ``ValueError``.
+    """
+    if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
+        raise TypeError(f"{cls.__name__}.from_config expects a dict with str keys, got {config!r}")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "device", "dtype"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__}.from_config got unknown argument(s) {unknown}; "
+            f"valid: {sorted(accepted)}"
+        )
+    return cls(**config, device=device, dtype=dtype)

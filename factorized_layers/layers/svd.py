@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any, Dict, Mapping, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..calibrate import InputStats
-from ..decompose import low_rank_factors, whitened_low_rank_factors, whitened_singular_values
+from ..decompose import (
+    low_rank_factors,
+    reduce_low_rank,
+    whitened_low_rank_factors,
+    whitened_singular_values,
+)
 from ..functional import check_linear_input, svd_linear
 from ..ranks import (
     RankPolicy,
@@ -23,6 +28,7 @@ from ..ranks import (
 from .base import (
     check_source,
     fast_parameter,
+    layer_from_config,
     resolve_layer_rank,
     to_dense_linear,
     trainable_like,
@@ -158,7 +164,9 @@ class SVDLinear(nn.Module):
         return self.rank * (self.in_features + self.out_features)
 
     @classmethod
-    def rank_profile(cls, linear: nn.Linear, *, calibration: Calibration = None) -> RankProfile:
+    def rank_profile(
+        cls, linear: nn.Linear, *, calibration: Calibration = None, ridge: float = 1e-6
+    ) -> RankProfile:
         """Every rank ``1..min(in, out)`` with its parameters, FLOPs and exact error.
 
         Without calibration the errors are the Eckart--Young optima of the weight's
@@ -170,6 +178,8 @@ class SVDLinear(nn.Module):
         Args:
             linear: The dense layer.
             calibration: ``InputStats`` of the layer's inputs, or their Gram matrix.
+            ridge: Relative ridge of the whitening (used only with calibration); pass
+                the one given to :meth:`from_dense` so that both see the same spectrum.
         """
         check_source(linear, nn.Linear)
         weight = linear.weight.detach()
@@ -178,7 +188,7 @@ class SVDLinear(nn.Module):
             compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
             singular_values = torch.linalg.svdvals(weight.to(compute))
         else:
-            singular_values = whitened_singular_values(weight, gram)
+            singular_values = whitened_singular_values(weight, gram, ridge=ridge)
         per_rank = linear.in_features + linear.out_features
         dense = linear.in_features * linear.out_features
         return RankProfile.from_spectrum(
@@ -249,6 +259,8 @@ class SVDLinear(nn.Module):
             rank,
             lambda spec: resolve_matrix_rank(spec, linear.out_features, linear.in_features),
             calibration=gram,
+            # The profile must see the whitening from_dense uses.
+            **{name: value for name, value in svd_options.items() if name == "ridge"},
         )
         with torch.device("meta"):
             layer = cls(
@@ -270,6 +282,68 @@ class SVDLinear(nn.Module):
             if linear.bias is not None:
                 layer.bias = trainable_like(linear.bias.detach().clone(), linear.bias)
         return layer.train(linear.training)
+
+    def get_config(self) -> Dict[str, Any]:
+        """Constructor arguments that rebuild this layer's structure (JSON-serialisable).
+
+        ``SVDLinear.from_config(layer.get_config())`` has the same parameter names and
+        shapes (freshly initialised values);
+        :func:`factorized_layers.checkpoint.save_factorized` stores it.
+        """
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SVDLinear:
+        """A freshly initialised layer with the structure ``config`` (from :meth:`get_config`)."""
+        return layer_from_config(cls, config, device, dtype)
+
+    def truncated(self, rank: RankSpec) -> SVDLinear:
+        """A lower-rank copy: the best approximation of this layer's weight at ``rank``.
+
+        Re-decomposes the factors (QR of each, SVD of the ``rank x rank`` product,
+        :func:`~factorized_layers.decompose.reduce_low_rank`), never the dense weight,
+        so a fine-tuned layer can be compressed further; the weight error is the
+        Eckart--Young optimum for ``dense_weight()``. Device, dtype, bias,
+        ``requires_grad`` flags and ``training`` are kept.
+
+        Args:
+            rank: As the constructor's ``rank`` (``int``, or ``float`` fraction of the
+                *dense* weight's parameters); a rank above the current one keeps it.
+
+        Examples:
+            >>> layer = SVDLinear(64, 32, rank=16)
+            >>> layer.truncated(4).rank
+            4
+        """
+        new_rank = min(resolve_matrix_rank(rank, self.out_features, self.in_features), self.rank)
+        with torch.device("meta"):
+            layer = type(self)(
+                self.in_features,
+                self.out_features,
+                new_rank,
+                bias=self.bias is not None,
+                dtype=self.input_factor.dtype,
+            )
+        with torch.no_grad():
+            output_factor, input_factor = reduce_low_rank(
+                self.output_factor, self.input_factor, new_rank
+            )
+            layer.output_factor = trainable_like(output_factor, self.output_factor)
+            layer.input_factor = trainable_like(input_factor, self.input_factor)
+            if self.bias is not None:
+                layer.bias = trainable_like(self.bias.detach().clone(), self.bias)
+        return layer.train(self.training)
 
     def extra_repr(self) -> str:
         return (

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from factorized_layers.decompose import cp_als, cp_factors, cp_to_tensor, khatri_rao
+from factorized_layers.decompose import (
+    cp_als,
+    cp_factors,
+    cp_to_tensor,
+    khatri_rao,
+    whiten_mode,
+    whitened_cp_factors,
+)
 from factorized_layers.functional import (
     conv_padding_pairs,
     cp_conv2d,
@@ -744,3 +751,116 @@ def test_non_finite_kernel_raises_value_error(bad):
         conv.weight[1, 2, 0, 0] = bad
     with pytest.raises(ValueError, match=r"1 NaN/Inf value\(s\) out of 108"):
         CPConv2d.from_dense(conv, 2)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _low_rank_channel_images(count, channels, live, seed=0, size=8):
+    """Images whose channel vectors lie in a fixed ``live``-dimensional subspace.
+
+    The subspace does not depend on ``seed`` (only the images do), and the last
+    channel is never visited (like a channel a ReLU leaves dead).
+    """
+    mixing = torch.randn(
+        channels, live, generator=torch.Generator().manual_seed(1234), dtype=torch.float64
+    )
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(count, live, size, size, generator=g, dtype=torch.float64)
+    mixing[-1] = 0.0  # a channel the data never visits (e.g. dead after a ReLU)
+    return torch.einsum("cl,nlhw->nchw", mixing, latent)
+
+
+def _conv_output_error(layer, dense, x):
+    """Independent oracle: both layers' own forwards (the bias cancels)."""
+    with torch.no_grad():
+        reference = F.conv2d(x, dense.weight, None, dense.stride, dense.padding)
+        return float((layer(x) - dense(x)).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("rank, factor", [(4, 0.9), (8, 0.75), (16, 0.5), (24, 0.2)])
+def test_channel_whitened_cp_beats_plain_on_output_error(rank, factor):
+    from factorized_layers.calibrate import calibrate
+
+    torch.manual_seed(0)
+    dense = nn.Conv2d(12, 16, 3, padding=1, dtype=torch.float64)
+    train, held_out = (_low_rank_channel_images(64, 12, live=4, seed=s) for s in (0, 1))
+    stats = calibrate(nn.Sequential(dense), [train])["0"]
+    calibrated = CPConv2d.from_dense(dense, rank, calibration=stats, n_iter=300)
+    plain = CPConv2d.from_dense(dense, rank, n_iter=300)
+    for x in (train, held_out):
+        assert _conv_output_error(calibrated, dense, x) < factor * _conv_output_error(
+            plain, dense, x
+        )
+    info = calibrated.fit_info
+    assert 0.0 <= info["weighted_error"] < 1.0 and "weighted_error" not in plain.fit_info
+    with torch.no_grad():
+        expected = float((calibrated.dense_weight() - dense.weight).norm() / dense.weight.norm())
+    assert calibrated.fit_error == pytest.approx(expected, rel=1e-6)
+
+
+def test_channel_whitening_with_isotropic_channels_never_raises_the_fit_error():
+    dense = nn.Conv2d(6, 8, 3, dtype=torch.float64)
+    plain = cp_factors(dense.weight.detach(), 5, n_iter=200)
+    result = whitened_cp_factors(dense.weight.detach(), 3.0 * torch.eye(6), 5, n_iter=200)
+    assert result.error <= plain.error + 1e-12
+    with torch.no_grad():
+        fitted = cp_to_tensor(None, result.factors)
+        relative = float((fitted - dense.weight).norm() / dense.weight.norm())
+    assert relative == pytest.approx(result.error, rel=1e-9)
+    torch.testing.assert_close(result.weights, torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("whitening_ridge", [1e-6, 0.0])
+@pytest.mark.parametrize(
+    "gram",
+    [
+        torch.zeros(6, 6),  # no data
+        torch.outer(torch.arange(1.0, 7.0), torch.arange(1.0, 7.0)),  # one position
+        torch.diag(torch.tensor([1e30, 1.0, 0.0, 0.0, 0.0, 0.0])),  # huge dynamic range
+    ],
+)
+def test_singular_channel_grams_give_finite_cp_factors(gram, whitening_ridge):
+    torch.manual_seed(0)
+    dense = nn.Conv2d(6, 8, 3, padding=1)
+    layer = CPConv2d.from_dense(dense, 4, calibration=gram, whitening_ridge=whitening_ridge)
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert torch.isfinite(layer(torch.randn(2, 6, 5, 5))).all()
+    assert math.isfinite(layer.fit_info["weighted_error"]) and math.isfinite(layer.fit_error)
+
+
+def test_calibrated_rank_profile_uses_the_whitened_unfolding():
+    dense = nn.Conv2d(12, 32, 3, dtype=torch.float64)
+    x = _low_rank_channel_images(16, 12, live=2)
+    gram = torch.einsum("nchw,ndhw->cd", x, x)
+    plain = CPConv2d.rank_profile(dense)
+    calibrated = CPConv2d.rank_profile(dense, calibration=gram)
+    assert calibrated.ranks == plain.ranks and calibrated.params == plain.params
+    # Two live channel directions: the whitened (32, 108) unfolding has rank 2 * 9 = 18
+    # (up to the ridge), the plain one 32.
+    assert calibrated.errors[17] < 1e-2 < plain.errors[17]
+    with torch.no_grad():
+        whitened = whiten_mode(dense.weight, gram, 1).reshape(32, -1)
+    torch.testing.assert_close(
+        torch.tensor(calibrated.spectrum, dtype=torch.float64), torch.linalg.svdvals(whitened)
+    )
+
+
+def test_whitened_cp_bad_input_and_meta():
+    kernel = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"gram must be the \(3, 3\)"):
+        whitened_cp_factors(kernel, torch.eye(4), 2)
+    with pytest.raises(ValueError, match=r"mode must be an integer in \[0, 3\], got 4"):
+        whitened_cp_factors(kernel, torch.eye(3), 2, mode=4)
+    with pytest.raises(ValueError, match="ridge must be a finite non-negative float, got -1"):
+        whitened_cp_factors(kernel, torch.eye(3), 2, whitening_ridge=-1.0)
+    with pytest.raises(ValueError, match="gram contains NaN/Inf"):
+        whiten_mode(kernel, torch.full((3, 3), float("nan")), 1)
+    with pytest.raises(TypeError, match="calibration must be InputStats"):
+        CPConv2d.from_dense(nn.Conv2d(3, 4, 2), 2, calibration="data")
+    meta = whitened_cp_factors(kernel.to("meta"), torch.eye(3), 2)
+    assert [f.device.type for f in meta.factors] == ["meta"] * 4
+    with torch.device("meta"):
+        dense = nn.Conv2d(3, 4, 2)
+    layer = CPConv2d.from_dense(dense, 2, calibration=torch.eye(3))
+    assert layer.in_channel_factor.device.type == "meta"

@@ -13,7 +13,17 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from factorized_layers.decompose import hooi, hosvd, hosvd_energy, svd_tail_error, tucker_to_tensor
+from factorized_layers.decompose import (
+    hooi,
+    hosvd,
+    hosvd_energy,
+    mode_grams,
+    relative_output_error,
+    svd_tail_error,
+    tucker_to_tensor,
+    whiten_input_modes,
+    whitened_tucker,
+)
 from factorized_layers.functional import (
     tucker_linear,
     tucker_linear_input_first,
@@ -289,6 +299,77 @@ def test_decompositions_reject_non_finite(bad):
         dense.weight[0, 0] = bad
     with pytest.raises(ValueError, match="NaN/Inf"):
         TuckerLinear.from_dense(dense, 0.5)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _correlated_gram(features, seed=0):
+    """Gram of inputs with a decaying, non-Kronecker covariance."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=g, dtype=torch.float64)
+    mixing = mixing * torch.logspace(0, -2, features, dtype=torch.float64)
+    x = torch.randn(3 * features, features, generator=g, dtype=torch.float64) @ mixing.T
+    return x.T @ x
+
+
+def test_mode_grams_are_the_grams_of_the_unfolded_inputs():
+    x = torch.randn(30, 4 * 3 * 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tensors = x.reshape(30, 4, 3, 2)
+    grams = mode_grams(x.T @ x, (4, 3, 2))
+    for k, gram in enumerate(grams):
+        unfolded = tensors.movedim(k + 1, 1).reshape(30, tensors.shape[k + 1], -1)
+        torch.testing.assert_close(gram, torch.einsum("tar,tbr->ab", unfolded, unfolded))
+    with pytest.raises(ValueError, match=r"gram must be the \(24, 24\)"):
+        mode_grams(torch.eye(23), (4, 3, 2))
+
+
+@pytest.mark.parametrize(
+    "shape, in_modes, ranks",
+    [
+        ((6, 4, 3, 4), 2, (4, 3, 2, 3)),
+        ((12, 4, 3, 2), 3, (5, 2, 3, 2)),
+        ((10, 24), 1, (10, 5)),
+        ((4, 5, 6, 4), 2, (4, 5, 3, 2)),
+        # Output modes truncated only: here the mode-whitened factors lose to plain HOOI's.
+        ((5, 4, 2, 4, 4, 3), 3, (4, 4, 2, 4, 4, 3)),
+    ],
+)
+def test_whitened_tucker_never_worse_than_hooi_on_output_error(shape, in_modes, ranks):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    features = math.prod(shape[len(shape) - in_modes :])
+    gram = _correlated_gram(features)
+    result = whitened_tucker(t, gram, ranks, in_modes=in_modes)
+    weight = t.reshape(-1, features)
+    approx = tucker_to_tensor(result.core, result.factors).reshape(weight.shape)
+    assert result.error == pytest.approx(relative_output_error(weight, approx, gram), rel=1e-9)
+    plain = hooi(t, ranks)
+    plain_approx = tucker_to_tensor(plain.core, plain.factors).reshape(weight.shape)
+    assert result.error <= relative_output_error(weight, plain_approx, gram) + 1e-9
+    for factor, rank in zip(result.factors, ranks):
+        torch.testing.assert_close(
+            factor.T @ factor, torch.eye(rank, dtype=t.dtype), atol=1e-9, rtol=0
+        )
+
+
+def test_whitened_tucker_is_hooi_for_isotropic_inputs_and_rejects_bad_options():
+    t = torch.randn(6, 4, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    result = whitened_tucker(t, 5.0 * torch.eye(12), (3, 2, 2, 3), in_modes=2)
+    plain = hooi(t, (3, 2, 2, 3))
+    torch.testing.assert_close(
+        tucker_to_tensor(result.core, result.factors), tucker_to_tensor(plain.core, plain.factors)
+    )
+    with pytest.raises(ValueError, match=r"in_modes must be an integer in \[1, 4\].*got 5"):
+        whitened_tucker(t, torch.eye(12), 2, in_modes=5)
+    with pytest.raises(ValueError, match=r"gram must be the \(12, 12\)"):
+        whitened_tucker(t, torch.eye(4), 2, in_modes=2)
+    with pytest.raises(ValueError, match="ridge must be a finite non-negative float, got nan"):
+        whitened_tucker(t, torch.eye(12), 2, in_modes=2, ridge=float("nan"))
+    with pytest.raises(ValueError, match=r"in_modes must be an integer in \[1, 4\].*got 0"):
+        whiten_input_modes(t, torch.eye(12), 0)
+    meta = whitened_tucker(t.to("meta"), torch.eye(12), (3, 2, 2, 3), in_modes=2)
+    assert meta.core.device.type == "meta" and math.isnan(meta.error)
 
 
 def test_hooi_rejects_bad_options():
