@@ -7,7 +7,15 @@ Importing this package does not initialise CUDA and changes no global state.
 
 from . import contract, decompose, functional, ranks
 from .calibrate import InputStats, calibrate
-from .convert import FactorizationReport, LayerReport, factorize_, register_layer, unfactorize_
+from .checkpoint import load_factorized, save_factorized
+from .convert import (
+    FactorizationReport,
+    LayerReport,
+    factorize_,
+    register_layer,
+    truncate_,
+    unfactorize_,
+)
 from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
 from .layers import CPConv2d, SVDLinear, TuckerLinear
 from .ranks import EVBMF, Budget, Energy, ErrorBound, RankProfile, RankSpec, resolve_matrix_rank
@@ -22,6 +30,9 @@ __all__ = [
     "calibrate",
     "InputStats",
     "unfactorize_",
+    "truncate_",
+    "save_factorized",
+    "load_factorized",
     "register_layer",
     "FactorizationReport",
     "LayerReport",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 
 import pytest
@@ -81,6 +82,36 @@ def _constructor_args(layer):
 def _constructor_kwargs(layer):
     # Tensorized layers also need their mode shapes (from_dense may choose them).
     return {k: getattr(layer, k) for k in ("in_shape", "out_shape") if hasattr(layer, k)}
+
+
+@CASES
+def test_config_round_trip_through_json(case):
+    _, layer = _make_pair(case, "cpu", torch.float32)
+    config = json.loads(json.dumps(layer.get_config()))
+    fresh = case.layer_cls.from_config(config, dtype=torch.float64)
+    assert repr(fresh) == repr(layer)
+    assert next(fresh.parameters()).dtype == torch.float64
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {
+        k: v.shape for k, v in layer.state_dict().items()
+    }
+    with pytest.raises(TypeError, match="unknown argument"):
+        case.layer_cls.from_config(dict(config, nonlinearity="relu"))
+
+
+@CASES
+def test_truncated_lowers_rank_and_keeps_device_dtype_mode(case, device):
+    for dtype in _dtypes(device):
+        _, layer = _make_pair(case, device, dtype)
+        layer.eval()
+        truncated = layer.truncated(1)
+        expected = 1 if isinstance(layer.rank, int) else (1,) * len(layer.rank)
+        assert truncated.rank == expected
+        assert not truncated.training
+        params = list(truncated.parameters())
+        assert all(p.dtype == dtype and p.device.type == device for p in params)
+        assert sum(p.numel() for p in params) <= sum(p.numel() for p in layer.parameters())
+        x = torch.randn(case.input_shape, device=device, dtype=dtype)
+        assert torch.isfinite(truncated(x)).all()
 
 
 @CASES

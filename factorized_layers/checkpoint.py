@@ -1,0 +1,352 @@
+"""Self-describing checkpoints of factorized models: weights plus the factorization plan.
+
+A converted model's ``state_dict`` alone cannot be loaded into the dense model
+definition users build from code (the factor keys do not exist there).
+:func:`save_factorized` stores the *plan* -- which layers were replaced, by which
+registered class, with which constructor arguments (ranks, shapes, options) -- next
+to the weights; :func:`load_factorized` takes a freshly built dense model, checks
+the plan against it completely, swaps in layers built from the plan (no
+decomposition is computed) and loads the weights. Loading never unpickles code:
+torch files are read with ``weights_only=True``, ``.safetensors`` files with
+``safetensors``, and only classes registered with
+:func:`~factorized_layers.convert.register_layer` can be named by a plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .convert import _parents, _swap, registered_layers
+
+__all__ = ["save_factorized", "load_factorized", "factorization_plan"]
+
+FORMAT = "factorized_layers.plan"
+VERSION = 1
+_PLAN_KEY = "factorized_layers.plan"
+_SAFETENSORS_SUFFIX = ".safetensors"
+
+PathLike = Union[str, os.PathLike]
+
+
+def factorization_plan(model: nn.Module) -> Dict[str, Any]:
+    """The plan of ``model``: every factorized layer's name, class and configuration.
+
+    Args:
+        model: A model converted by :func:`~factorized_layers.convert.factorize_` (or
+            built with factorized layers).
+
+    Returns:
+        ``{"format", "version", "layers": [{"name", "class", "source", "config"}]}``,
+        JSON-serialisable. A layer shared by several parents appears once, under
+        its first name.
+
+    Raises:
+        TypeError: A factorized layer has no ``get_config``.
+
+    Examples:
+        >>> from factorized_layers import factorize_
+        >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+        >>> _ = factorize_(model, rank=4, allow_larger=True)
+        >>> plan = factorization_plan(model)
+        >>> [(e["name"], e["class"], e["config"]["rank"]) for e in plan["layers"]]
+        [('0', 'SVDLinear', 4), ('2', 'SVDLinear', 4)]
+    """
+    classes = registered_layers()
+    layers = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls not in classes:
+            continue
+        if not name:
+            raise TypeError(
+                f"the model itself is a {cls.__name__}; save a factorized layer with "
+                "torch.save(layer.state_dict()) and rebuild it with from_config"
+            )
+        if not hasattr(module, "get_config"):
+            raise TypeError(f"{cls.__name__} has no get_config(); it cannot be saved in a plan")
+        layers.append(
+            {
+                "name": name,
+                "class": cls.__name__,
+                "source": [t.__name__ for t in classes[cls]],
+                "config": module.get_config(),
+            }
+        )
+    return {"format": FORMAT, "version": VERSION, "layers": layers}
+
+
+def save_factorized(model: nn.Module, path: PathLike) -> None:
+    """Write ``model``'s weights and factorization plan to one file.
+
+    A path ending in ``.safetensors`` is written with ``safetensors`` (the plan as
+    JSON in the header metadata; tied weights stored once); any other path with
+    ``torch.save`` as ``{"plan": <JSON str>, "state_dict": ...}``, loadable with
+    ``torch.load(..., weights_only=True)``.
+
+    Args:
+        model: The (converted) model.
+        path: Destination file.
+
+    Raises:
+        ImportError: ``.safetensors`` asked for without the package installed.
+
+    Examples:
+        >>> import tempfile, os
+        >>> from factorized_layers import factorize_
+        >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+        >>> _ = factorize_(model, rank=4, allow_larger=True)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> save_factorized(model, path)
+        >>> fresh = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+        >>> x = torch.randn(3, 32)
+        >>> torch.equal(load_factorized(fresh, path)(x), model(x))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_factorized expects an nn.Module, got {type(model).__name__}")
+    plan = json.dumps(factorization_plan(model))
+    if os.fspath(path).endswith(_SAFETENSORS_SUFFIX):
+        safetensors_torch = _safetensors()
+        safetensors_torch.save_model(model, os.fspath(path), metadata={_PLAN_KEY: plan})
+    else:
+        torch.save({"plan": plan, "state_dict": model.state_dict()}, path)
+
+
+def load_factorized(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    strict: bool = True,
+    map_location: torch.device | str | None = None,
+) -> nn.Module:
+    """Re-apply a saved plan to a freshly built dense ``model`` and load the weights.
+
+    A layer that already has the planned class and configuration is kept (so a
+    checkpoint also loads into a model converted the same way). Every other plan
+    entry is checked before the model is touched: the layer exists and
+    is of a type its class is registered for, the class is registered, the
+    configuration builds (on the meta device) a layer equivalent to the dense one
+    (same features/channels, kernel and convolution options, bias), and every saved
+    tensor's name and shape matches the converted model. On any error the model is
+    left unchanged. The factorized layers are built on each dense layer's device
+    and dtype (no decomposition is computed), keep its ``requires_grad`` flag and
+    ``training`` mode, and take over its hooks.
+
+    Args:
+        model: A freshly built dense model of the architecture that was saved.
+        path: A file written by :func:`save_factorized`.
+        strict: As ``nn.Module.load_state_dict``: when ``False``, missing or unexpected
+            weight keys are allowed (shapes of the common keys must still match).
+        map_location: Passed to ``torch.load`` (ignored for ``.safetensors``, whose
+            tensors are copied into the model's devices).
+
+    Returns:
+        ``model``, converted and loaded.
+
+    Raises:
+        ValueError: Not a factorized-layers checkpoint, a malformed or mismatched
+            plan, or weights that do not fit.
+        TypeError: A plan naming an unregistered class, or bad arguments.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_factorized expects an nn.Module, got {type(model).__name__}")
+    plan, shapes, state_dict = _read(path, map_location)
+    replacements = _build_replacements(model, plan)
+    _check_weights(model, replacements, shapes, strict)
+    parents = _parents(model)
+    swapped: List[Tuple[nn.Module, nn.Module, list]] = []
+    try:
+        for old, new in replacements.values():
+            _swap(old, new, parents.get(id(old), []))
+            swapped.append((old, new, parents.get(id(old), [])))
+        if state_dict is None:
+            _safetensors().load_model(model, os.fspath(path), strict=strict)
+        else:
+            model.load_state_dict(state_dict, strict=strict)
+    except Exception:
+        for old, new, where in reversed(swapped):
+            _swap(new, old, where)
+        raise
+    return model
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError(
+            "a .safetensors checkpoint needs the 'safetensors' package "
+            "(pip install safetensors); other paths use torch.save"
+        ) from error
+    return safetensors.torch
+
+
+def _read(
+    path: PathLike, map_location: torch.device | str | None
+) -> Tuple[Dict[str, Any], Dict[str, Tuple[int, ...]], Dict[str, torch.Tensor] | None]:
+    """(plan, {key: shape}, state_dict or None for safetensors)."""
+    if os.fspath(path).endswith(_SAFETENSORS_SUFFIX):
+        with _safetensors().safe_open(os.fspath(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(_PLAN_KEY)
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        state_dict = None
+    else:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or not {"plan", "state_dict"} <= set(payload):
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a save_factorized checkpoint "
+                "(expected a dict with 'plan' and 'state_dict')"
+            )
+        raw, state_dict = payload["plan"], payload["state_dict"]
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{os.fspath(path)!r}: 'state_dict' is not a mapping")
+        shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    if not isinstance(raw, str):
+        raise ValueError(f"{os.fspath(path)!r} holds no factorization plan")
+    try:
+        plan = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{os.fspath(path)!r}: the plan is not valid JSON ({error})") from None
+    _check_plan(plan)
+    return plan, shapes, state_dict
+
+
+def _check_plan(plan: Any) -> None:
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise ValueError(f"not a factorization plan (format must be {FORMAT!r})")
+    if plan.get("version") != VERSION:
+        raise ValueError(
+            f"plan version {plan.get('version')!r} is not supported (this library reads {VERSION})"
+        )
+    entries = plan.get("layers")
+    if not isinstance(entries, list):
+        raise ValueError("the plan's 'layers' must be a list")
+    names = set()
+    for i, entry in enumerate(entries):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or not isinstance(entry.get("class"), str)
+            or not isinstance(entry.get("config"), dict)
+        ):
+            raise ValueError(
+                f"plan entry {i} must be a dict with str 'name', str 'class' and dict "
+                f"'config', got {entry!r}"
+            )
+        if entry["name"] in names:
+            raise ValueError(f"plan names layer {entry['name']!r} twice")
+        names.add(entry["name"])
+
+
+def _build_replacements(
+    model: nn.Module, plan: Dict[str, Any]
+) -> Dict[str, Tuple[nn.Module, nn.Module]]:
+    """name -> (dense module, factorized layer built from the plan), all checked first."""
+    by_name = {cls.__name__: cls for cls in registered_layers()}
+    sources = registered_layers()
+    modules = dict(model.named_modules())
+    checked: Dict[str, Tuple[nn.Module, type, Dict[str, Any]]] = {}
+    for entry in plan["layers"]:
+        name, class_name, config = entry["name"], entry["class"], entry["config"]
+        cls = by_name.get(class_name)
+        if cls is None:
+            raise TypeError(
+                f"plan entry {name!r} names class {class_name!r}, which is not a registered "
+                f"factorized layer (registered: {sorted(by_name)}); register it with "
+                "factorized_layers.register_layer before loading"
+            )
+        module = modules.get(name)
+        if module is None or not name:
+            raise ValueError(f"plan entry {name!r}: the model has no such submodule")
+        if type(module) is cls and module.get_config() == config:
+            continue  # already converted as planned (e.g. loading into a converted model)
+        if not isinstance(module, sources[cls]):
+            raise ValueError(
+                f"plan entry {name!r}: {class_name} replaces "
+                f"{[t.__name__ for t in sources[cls]]}, but the model has a "
+                f"{type(module).__name__} there"
+            )
+        try:
+            shell = cls.from_config(config, device="meta", dtype=module.weight.dtype)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"plan entry {name!r}: bad {class_name} config: {error}") from None
+        _check_equivalent(name, module, shell)
+        checked[name] = (module, cls, config)
+    replacements = {}
+    for name, (module, cls, config) in checked.items():
+        weight = module.weight
+        layer = cls.from_config(config, device=weight.device, dtype=weight.dtype)
+        for parameter in layer.parameters():
+            parameter.requires_grad_(weight.requires_grad)
+        bias = getattr(module, "bias", None)
+        if bias is not None and getattr(layer, "bias", None) is not None:
+            layer.bias.requires_grad_(bias.requires_grad)
+        replacements[name] = (module, layer.train(module.training))
+    return replacements
+
+
+def _check_equivalent(name: str, module: nn.Module, shell: nn.Module) -> None:
+    """The plan's layer must compute a function of the dense module's type and options."""
+    dense = shell.to_dense()
+    source_type = next(t for t in type(module).__mro__ if isinstance(dense, t))
+    expected, got = source_type.extra_repr(module), source_type.extra_repr(dense)
+    if expected != got or dense.weight.shape != module.weight.shape:
+        raise ValueError(
+            f"plan entry {name!r}: the saved {type(shell).__name__} is a "
+            f"{source_type.__name__}({got}) but the model has {source_type.__name__}({expected})"
+        )
+
+
+def _check_weights(
+    model: nn.Module,
+    replacements: Mapping[str, Tuple[nn.Module, nn.Module]],
+    saved: Mapping[str, Tuple[int, ...]],
+    strict: bool,
+) -> None:
+    """Every saved weight must fit the converted model (checked before converting).
+
+    ``safetensors`` stores a tied tensor once, so with ``strict`` a key may be
+    missing when the same tensor is reachable under an earlier key.
+    """
+    replaced = {id(old): new for old, new in replacements.values()}
+    expected: Dict[str, Tuple[int, ...]] = {}
+    aliases = set()
+    prefixes = []
+    first_seen = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in replaced and name:
+            prefixes.append(name + ".")
+            keys = [name + "." + key for key in replaced[id(module)].state_dict()]
+            if id(module) in first_seen:
+                aliases.update(keys)
+            first_seen.add(id(module))
+            for key, value in zip(keys, replaced[id(module)].state_dict().values()):
+                expected[key] = tuple(value.shape)
+    seen_tensors = set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if any(key.startswith(prefix) for prefix in prefixes):
+            continue
+        expected[key] = tuple(value.shape)
+        if id(value) in seen_tensors:
+            aliases.add(key)
+        seen_tensors.add(id(value))
+    mismatched = [
+        f"{key}: saved {saved[key]}, model {shape}"
+        for key, shape in expected.items()
+        if key in saved and saved[key] != shape
+    ]
+    if mismatched:
+        raise ValueError(f"saved weights do not fit the model: {mismatched[:10]}")
+    if strict:
+        missing = sorted(k for k in set(expected) - set(saved) if k not in aliases)
+        unexpected = sorted(set(saved) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"saved weights do not match the converted model: missing {missing[:10]}, "
+                f"unexpected {unexpected[:10]} (pass strict=False to allow)"
+            )
