@@ -52,16 +52,16 @@ def measure(
     ``rows`` (``budget``, ``params``, ``converted``/``tuned`` accuracies, ``seconds``
     and ``dense_seconds``: converted and dense forward on the test set, interleaved).
     """
-    x_train, y_train, x_test, y_test = (t.to(device) for t in demo._load_digits(seed))
+    x_train, y_train, x_test, y_test = (t.to(device) for t in demo.load_digits_split(seed))
     torch.manual_seed(seed)
-    dense = demo._cnn(width).to(device)
-    demo._train(dense, x_train, y_train, epochs, 2e-3, seed, "dense")
+    dense = demo.build_cnn(width).to(device)
+    demo.train(dense, x_train, y_train, epochs, 2e-3, seed, "dense")
     rows: List[dict] = []
     for fraction in budgets:
         model = copy.deepcopy(dense)
         factorize_(model, rank=Budget(params=fraction), progress=False, seed=seed)
-        converted = demo._accuracy(model, x_test, y_test)
-        demo._train(model, x_train, y_train, tune_epochs, 5e-4, seed, f"fine-tune {fraction}")
+        converted = demo.accuracy(model, x_test, y_test)
+        demo.train(model, x_train, y_train, tune_epochs, 5e-4, seed, f"fine-tune {fraction}")
         times = interleaved_medians(
             {"dense": partial(dense, x_test), "converted": partial(model, x_test)},
             rounds=rounds,
@@ -70,16 +70,16 @@ def measure(
         rows.append(
             {
                 "budget": fraction,
-                "params": demo._params(model),
+                "params": demo.count_parameters(model),
                 "converted": converted,
-                "tuned": demo._accuracy(model, x_test, y_test),
+                "tuned": demo.accuracy(model, x_test, y_test),
                 "seconds": times["converted"],
                 "dense_seconds": times["dense"],
             }
         )
     return {
-        "dense_params": demo._params(dense),
-        "dense_accuracy": demo._accuracy(dense, x_test, y_test),
+        "dense_params": demo.count_parameters(dense),
+        "dense_accuracy": demo.accuracy(dense, x_test, y_test),
         "test_images": len(y_test),
         "rows": rows,
     }

@@ -6,28 +6,37 @@ CNN, converts every convolution and linear layer in place with
 ``factorize_(model, Budget(params=f))`` for several budgets ``f`` (CP convolutions,
 low-rank linears, ranks allocated across layers), prints the conversion report, the test
 accuracy of the dense / converted / fine-tuned model, the parameter ratio and the
-measured forward-time ratio, and saves ``demo_accuracy.png`` when matplotlib is installed.
+measured forward-time ratio, saves the last model with ``save_factorized`` and reloads it
+into a freshly built dense CNN with ``load_factorized``, and saves ``demo_accuracy.png``
+when matplotlib is installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
+import tempfile
 import time
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import load_factorized, save_factorized
 from .convert import factorize_
 from .ranks import Budget
 
-__all__ = ["main"]
+__all__ = ["main", "load_digits_split", "build_cnn", "train", "accuracy", "count_parameters"]
 
 
-def _load_digits(seed: int):
+def load_digits_split(seed: int) -> Tuple[torch.Tensor, ...]:
+    """scikit-learn's 1,797 real 8x8 digits as ``(x_train, y_train, x_test, y_test)``.
+
+    Images are ``(N, 1, 8, 8)`` floats in ``[0, 1]``; a seeded 80/20 split.
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -40,7 +49,8 @@ def _load_digits(seed: int):
     return x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
 
 
-def _cnn(width: int) -> nn.Sequential:
+def build_cnn(width: int) -> nn.Sequential:
+    """The demo CNN: 3x3 convolutions to ``width``, ``2 width``, ``2 width``; two linears."""
     return nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -51,7 +61,8 @@ def _cnn(width: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-def _train(model: nn.Module, x, y, epochs: int, lr: float, seed: int, label: str) -> None:
+def train(model: nn.Module, x, y, epochs: int, lr: float, seed: int, label: str) -> None:
+    """Adam on cross-entropy, batches of about 64, with a one-line progress bar per epoch."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -75,12 +86,14 @@ def _train(model: nn.Module, x, y, epochs: int, lr: float, seed: int, label: str
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x, y) -> float:
+def accuracy(model: nn.Module, x, y) -> float:
+    """Fraction of ``x`` classified as ``y`` (eval mode, no gradients)."""
     model.eval()
     return float((model(x).argmax(-1) == y).float().mean())
 
 
-def _params(model: nn.Module) -> int:
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (the demo CNN has only convolutions and linears)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -131,42 +144,59 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     width, epochs, tune_epochs, repeats = (8, 4, 1, 10) if args.quick else (32, 15, 3, 30)
     budgets = (0.5, 0.25) if args.quick else (0.5, 0.33, 0.25, 0.15)
-    x_train, y_train, x_test, y_test = _load_digits(args.seed)
+    x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     print(f"load_digits: {len(y_train)} train / {len(y_test)} test images (8x8), "
           f"CNN width {width}, {torch.get_num_threads()} threads")  # fmt: skip
 
     torch.manual_seed(args.seed)
-    dense = _cnn(width)
-    _train(dense, x_train, y_train, epochs, 2e-3, args.seed, "dense")
-    dense_acc = _accuracy(dense, x_test, y_test)
-    print(f"dense test accuracy {dense_acc:.3f}, {_params(dense):,} parameters\n")
+    dense = build_cnn(width)
+    train(dense, x_train, y_train, epochs, 2e-3, args.seed, "dense")
+    dense_acc = accuracy(dense, x_test, y_test)
+    print(f"dense test accuracy {dense_acc:.3f}, {count_parameters(dense):,} parameters\n")
 
-    rows = []
+    rows, models = [], []
     for fraction in budgets:
         model = copy.deepcopy(dense)
         report = factorize_(model, rank=Budget(params=fraction), progress=False, seed=args.seed)
         print(f"factorize_(model, Budget(params={fraction})):\n{report}\n")
-        converted = _accuracy(model, x_test, y_test)
-        _train(model, x_train, y_train, tune_epochs, 5e-4, args.seed, f"fine-tune {fraction}")
+        converted = accuracy(model, x_test, y_test)
+        train(model, x_train, y_train, tune_epochs, 5e-4, args.seed, f"fine-tune {fraction}")
         rows.append(
             {
                 "budget": fraction,
-                "params": _params(model),
+                "params": count_parameters(model),
                 "converted": converted,
-                "tuned": _accuracy(model, x_test, y_test),
+                "tuned": accuracy(model, x_test, y_test),
                 "speedup": _speedup(dense, model, x_test, repeats),
             }
         )
+        models.append(model)
     print(f"\n| budget | parameters | fewer | acc dense | acc converted | acc fine-tuned | "
           f"forward speedup ({len(y_test)} images) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['budget']} | {row['params']:,} | {_params(dense) / row['params']:.2f}x | "
+        fewer = count_parameters(dense) / row["params"]
+        print(f"| {row['budget']} | {row['params']:,} | {fewer:.2f}x | "
               f"{dense_acc:.3f} | {row['converted']:.3f} | {row['tuned']:.3f} | "
               f"{row['speedup']:.2f}x |")  # fmt: skip
+    _checkpoint_round_trip(models[-1], build_cnn(width), x_test, y_test)
     if args.plot:
-        _plot(rows, _params(dense), dense_acc, args.plot)
+        _plot(rows, count_parameters(dense), dense_acc, args.plot)
     return 0
+
+
+def _checkpoint_round_trip(model: nn.Module, fresh: nn.Module, x, y) -> None:
+    """Save the fine-tuned model and reload it into a freshly built dense CNN."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "digits_cnn.pt")
+        save_factorized(model, path)
+        size = os.path.getsize(path)
+        load_factorized(fresh, path)
+    same = accuracy(fresh, x, y) == accuracy(model, x, y)
+    print(
+        f"\nsave_factorized -> load_factorized into a fresh dense CNN: {size / 1024:.0f} KiB, "
+        f"test accuracy {'identical' if same else 'DIFFERENT'} ({accuracy(fresh, x, y):.3f})"
+    )
 
 
 if __name__ == "__main__":
