@@ -18,6 +18,7 @@ __all__ = [
     "fast_parameter",
     "trainable_like",
     "layer_from_config",
+    "ConfigMixin",
 ]
 
 _MISSING = object()
@@ -124,3 +125,24 @@ def layer_from_config(
             f"valid: {sorted(accepted)}"
         )
     return cls(**config, device=device, dtype=dtype)
+
+
+class ConfigMixin:
+    """``from_config`` for layers whose ``get_config()`` returns constructor arguments."""
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> nn.Module:
+        """A freshly initialised layer with the structure ``config`` (from ``get_config()``).
+
+        Args:
+            config: The layer's ``get_config()`` (possibly through JSON).
+            device: Device of the parameters.
+            dtype: Dtype of the parameters.
+        """
+        return layer_from_config(cls, config, device, dtype)

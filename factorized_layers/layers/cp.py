@@ -29,6 +29,7 @@ from ..ranks import (
     resolve_cp_rank,
 )
 from .base import (
+    ConfigMixin,
     check_source,
     fill_dense,
     layer_from_config,
@@ -42,7 +43,7 @@ __all__ = ["CPConv2d"]
 _IntOr2 = Union[int, Tuple[int, int]]
 
 
-class CPConv2d(nn.Module):
+class CPConv2d(ConfigMixin, nn.Module):
     r"""2-D convolution whose kernel is a rank-``R`` CP tensor.
 
     :math:`W[o, i, h, w] = \sum_r O[o, r]\, I[i, r]\, K_h[h, r]\, K_w[w, r]` with four
@@ -511,7 +512,10 @@ class CPConv2d(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> CPConv2d:
-        """A freshly initialised layer with the structure ``config`` (from :meth:`get_config`)."""
+        """A freshly initialised layer with the structure ``config`` (from :meth:`get_config`).
+
+        ``separable`` is not a constructor argument; it is set on the built layer.
+        """
         if not isinstance(config, Mapping):
             raise TypeError(f"CPConv2d.from_config expects a dict, got {config!r}")
         options = dict(config)

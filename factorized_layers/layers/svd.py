@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Union
 
 import torch
 import torch.nn as nn
@@ -26,9 +26,9 @@ from ..ranks import (
     resolve_matrix_rank,
 )
 from .base import (
+    ConfigMixin,
     check_source,
     fast_parameter,
-    layer_from_config,
     resolve_layer_rank,
     to_dense_linear,
     trainable_like,
@@ -50,7 +50,7 @@ def _gram_of(calibration: Calibration) -> torch.Tensor | None:
     )
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(ConfigMixin, nn.Module):
     r"""Linear layer whose weight is a rank-``r`` product ``output_factor @ input_factor``.
 
     :math:`y = x A^T B^T + b` with ``A = input_factor`` of shape ``(rank, in_features)``
@@ -296,17 +296,6 @@ class SVDLinear(nn.Module):
             "rank": self.rank,
             "bias": self.bias is not None,
         }
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> SVDLinear:
-        """A freshly initialised layer with the structure ``config`` (from :meth:`get_config`)."""
-        return layer_from_config(cls, config, device, dtype)
 
     def truncated(self, rank: RankSpec) -> SVDLinear:
         """A lower-rank copy: the best approximation of this layer's weight at ``rank``.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,9 +31,9 @@ from ..ranks import (
 )
 from ..tensorize import check_tensorization, tensorize, tensorize_candidates
 from .base import (
+    ConfigMixin,
     check_source,
     fast_parameter,
-    layer_from_config,
     resolve_layer_rank,
     to_dense_linear,
     trainable_like,
@@ -105,7 +105,7 @@ def _shapes(
     return outs, ins
 
 
-class TuckerLinear(nn.Module):
+class TuckerLinear(ConfigMixin, nn.Module):
     r"""Linear layer whose weight, seen as a tensor, is a Tucker product.
 
     The ``(out_features, in_features)`` weight is reshaped (row-major) into a tensor
@@ -477,17 +477,6 @@ class TuckerLinear(nn.Module):
             "out_shape": list(self.out_shape),
             "bias": self.bias is not None,
         }
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> TuckerLinear:
-        """A freshly initialised layer with the structure ``config`` (from :meth:`get_config`)."""
-        return layer_from_config(cls, config, device, dtype)
 
     def truncated(self, rank: object, *, n_iter: int = 30, tol: float = 1e-6) -> TuckerLinear:
         """A copy with lower multilinear ranks, by HOOI on this layer's own core.
