@@ -7,7 +7,7 @@ Importing this package does not initialise CUDA and changes no global state.
 
 from . import contract, decompose, functional, ranks
 from .calibrate import InputStats, calibrate
-from .checkpoint import load_factorized, save_factorized
+from .checkpoint import factorization_plan, load_factorized, save_factorized
 from .convert import (
     FactorizationReport,
     LayerReport,
@@ -33,6 +33,7 @@ __all__ = [
     "truncate_",
     "save_factorized",
     "load_factorized",
+    "factorization_plan",
     "register_layer",
     "FactorizationReport",
     "LayerReport",

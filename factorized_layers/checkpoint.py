@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
@@ -165,13 +166,19 @@ def load_factorized(
             _swap(old, new, parents.get(id(old), []))
             swapped.append((old, new, parents.get(id(old), [])))
         if state_dict is None:
-            _safetensors().load_model(model, os.fspath(path), strict=strict)
+            missing, unexpected = _safetensors().load_model(model, os.fspath(path), strict=strict)
         else:
-            model.load_state_dict(state_dict, strict=strict)
+            missing, unexpected = model.load_state_dict(state_dict, strict=strict)
     except Exception:
         for old, new, where in reversed(swapped):
             _swap(new, old, where)
         raise
+    if missing or unexpected:
+        warnings.warn(
+            f"load_factorized(strict=False): missing keys {list(missing)[:10]} keep their "
+            f"initial values; unexpected keys {list(unexpected)[:10]} were ignored",
+            stacklevel=2,
+        )
     return model
 
 
@@ -205,6 +212,18 @@ def _read(
         raw, state_dict = payload["plan"], payload["state_dict"]
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"{os.fspath(path)!r}: 'state_dict' is not a mapping")
+        for key, value in state_dict.items():
+            if (
+                not isinstance(key, str)
+                or not isinstance(value, torch.Tensor)
+                or value.device.type == "meta"
+                or value.is_complex()
+            ):
+                raise ValueError(
+                    f"{os.fspath(path)!r}: state_dict entry {key!r} must be a real tensor "
+                    f"with values, got {type(value).__name__}"
+                    + (f" on {value.device}" if isinstance(value, torch.Tensor) else "")
+                )
         shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
     if not isinstance(raw, str):
         raise ValueError(f"{os.fspath(path)!r} holds no factorization plan")
@@ -247,8 +266,16 @@ def _build_replacements(
     model: nn.Module, plan: Dict[str, Any]
 ) -> Dict[str, Tuple[nn.Module, nn.Module]]:
     """name -> (dense module, factorized layer built from the plan), all checked first."""
-    by_name = {cls.__name__: cls for cls in registered_layers()}
     sources = registered_layers()
+    by_name: Dict[str, type] = {}
+    for cls in sources:
+        if cls.__name__ in by_name:
+            raise ValueError(
+                f"two registered layer classes are named {cls.__name__!r} "
+                f"({by_name[cls.__name__].__module__} and {cls.__module__}); a plan names "
+                "classes by name, so register only one of them"
+            )
+        by_name[cls.__name__] = cls
     modules = dict(model.named_modules())
     checked: Dict[str, Tuple[nn.Module, type, Dict[str, Any]]] = {}
     for entry in plan["layers"]:
@@ -260,11 +287,18 @@ def _build_replacements(
                 f"factorized layer (registered: {sorted(by_name)}); register it with "
                 "factorized_layers.register_layer before loading"
             )
+        if not callable(getattr(cls, "from_config", None)):
+            raise TypeError(f"{class_name} has no from_config(); it cannot be loaded from a plan")
         module = modules.get(name)
         if module is None or not name:
             raise ValueError(f"plan entry {name!r}: the model has no such submodule")
-        if type(module) is cls and module.get_config() == config:
-            continue  # already converted as planned (e.g. loading into a converted model)
+        if type(module) is cls:
+            if module.get_config() == config:
+                continue  # already converted as planned (e.g. loading into a converted model)
+            raise ValueError(
+                f"plan entry {name!r}: the model already has a {class_name} there with "
+                f"config {module.get_config()}, but the plan has {config}"
+            )
         if not isinstance(module, sources[cls]):
             raise ValueError(
                 f"plan entry {name!r}: {class_name} replaces "
@@ -280,7 +314,10 @@ def _build_replacements(
     replacements = {}
     for name, (module, cls, config) in checked.items():
         weight = module.weight
-        layer = cls.from_config(config, device=weight.device, dtype=weight.dtype)
+        # The values are overwritten by the checkpoint: keep the caller's RNG stream.
+        cuda = [weight.device] if weight.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            layer = cls.from_config(config, device=weight.device, dtype=weight.dtype)
         for parameter in layer.parameters():
             parameter.requires_grad_(weight.requires_grad)
         bias = getattr(module, "bias", None)
@@ -315,26 +352,21 @@ def _check_weights(
     """
     replaced = {id(old): new for old, new in replacements.values()}
     expected: Dict[str, Tuple[int, ...]] = {}
-    aliases = set()
+    # Keys naming the same tensor form one group (a shared module, a tied weight);
+    # safetensors stores one name per group, so strict needs one saved key per group.
+    group_of: Dict[str, Tuple[Any, ...]] = {}
     prefixes = []
-    first_seen = set()
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in replaced and name:
             prefixes.append(name + ".")
-            keys = [name + "." + key for key in replaced[id(module)].state_dict()]
-            if id(module) in first_seen:
-                aliases.update(keys)
-            first_seen.add(id(module))
-            for key, value in zip(keys, replaced[id(module)].state_dict().values()):
-                expected[key] = tuple(value.shape)
-    seen_tensors = set()
+            for key, value in replaced[id(module)].state_dict().items():
+                expected[name + "." + key] = tuple(value.shape)
+                group_of[name + "." + key] = ("replaced", id(module), key)
     for key, value in model.state_dict(keep_vars=True).items():
         if any(key.startswith(prefix) for prefix in prefixes):
             continue
         expected[key] = tuple(value.shape)
-        if id(value) in seen_tensors:
-            aliases.add(key)
-        seen_tensors.add(id(value))
+        group_of[key] = ("kept", id(value))
     mismatched = [
         f"{key}: saved {saved[key]}, model {shape}"
         for key, shape in expected.items()
@@ -343,7 +375,8 @@ def _check_weights(
     if mismatched:
         raise ValueError(f"saved weights do not fit the model: {mismatched[:10]}")
     if strict:
-        missing = sorted(k for k in set(expected) - set(saved) if k not in aliases)
+        present = {group_of[k] for k in expected if k in saved}
+        missing = sorted(k for k in expected if group_of[k] not in present)
         unexpected = sorted(set(saved) - set(expected))
         if missing or unexpected:
             raise ValueError(

@@ -749,7 +749,8 @@ def truncate_(
 ) -> FactorizationReport:
     """Lower the rank of ``model``'s factorized layers, in place, from their factors.
 
-    Each targeted layer is replaced by ``layer.truncated(rank, **options)``, which
+    Every new layer is computed before any is swapped in (an error leaves the model
+    unchanged). Each targeted layer is replaced by ``layer.truncated(rank, **options)``, which
     re-decomposes the layer's own factors -- never the original dense weight -- so a
     fine-tuned model can be compressed further: the SVD layer's error is the
     Eckart--Young optimum for its current weight, Tucker runs HOOI on its core, CP
@@ -767,7 +768,9 @@ def truncate_(
         filter_fn: ``filter_fn(module, fqn) -> bool``; only layers it accepts change.
         include: Names to truncate (syntax of :func:`factorize_`).
         exclude: Names to leave unchanged.
-        **options: Passed to every ``truncated`` (e.g. ``n_iter=``).
+        **options: Passed to the ``truncated`` of every class that takes them (e.g.
+            ``n_iter=`` reaches Tucker and CP layers); an option no targeted class
+            takes is a ``TypeError``.
 
     Returns:
         A :class:`FactorizationReport`; ``weight_error`` is each layer's relative
@@ -814,11 +817,29 @@ def truncate_(
                 f"candidates are {sorted(names)[:20]}"
             )
         targets = [t for t in targets if t[0] in rank]
-    parents = _parents(model)
-    rows = []
+    accepted = {
+        cls: set(inspect.signature(cls.truncated).parameters) - {"self", "rank"}
+        for cls in {layer_cls for _, _, layer_cls in targets}
+    }
+    unused = sorted(set(options) - set().union(*accepted.values()))
+    if unused:
+        raise TypeError(
+            f"truncate_ option(s) {unused} are taken by no targeted layer's truncated(); "
+            f"accepted: { {cls.__name__: sorted(names) for cls, names in accepted.items()} }"
+        )
+    # Build every new layer first, so that an error leaves the model unchanged.
+    planned = []
     for fqn, layer, layer_cls in targets:
         spec = rank[fqn] if isinstance(rank, Mapping) else rank
-        new = layer.truncated(spec, **options)
+        own = {k: v for k, v in options.items() if k in accepted[layer_cls]}
+        try:
+            new = layer.truncated(spec, **own)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{fqn} ({layer_cls.__name__}): {exc}") from exc
+        planned.append((fqn, layer, layer_cls, spec, new))
+    parents = _parents(model)
+    rows = []
+    for fqn, layer, layer_cls, spec, new in planned:
         row = LayerReport(
             name=fqn,
             source_type=layer_cls.__name__,

@@ -1614,7 +1614,7 @@ def reduce_low_rank(
     Args:
         output_factor: ``B``, ``(m, r)``.
         input_factor: ``A``, ``(r, n)``.
-        rank: New rank in ``[1, r]``.
+        rank: New rank in ``[1, min(m, r, n)]``.
         compute_dtype: float32 (default; float64 for float64 factors) or float64.
 
     Returns:
@@ -1627,9 +1627,12 @@ def reduce_low_rank(
         >>> bool(torch.isclose(torch.linalg.norm(b @ a - b2 @ a2), s[2:].norm()))
         True
     """
-    current = output_factor.shape[1]
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= current:
-        raise ValueError(f"rank must be an int in [1, {current}], got {rank!r}")
+    largest = min(output_factor.shape[0], output_factor.shape[1], input_factor.shape[1])
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= largest:
+        raise ValueError(
+            f"rank must be an int in [1, {largest}] (at most the current rank and both "
+            f"sizes of the product), got {rank!r}"
+        )
     dtype = output_factor.dtype
     if output_factor.device.type == "meta":
         meta = dict(device="meta", dtype=dtype)

@@ -286,7 +286,8 @@ def test_non_strict_allows_missing_keys_but_not_wrong_shapes(tmp_path):
     _tamper(path, lambda plan, state: state.pop("8.bias"))
     with pytest.raises(ValueError, match="8.bias"):
         load_factorized(_cnn(1), path)
-    fresh = load_factorized(_cnn(1), path, strict=False)
+    with pytest.warns(UserWarning):
+        fresh = load_factorized(_cnn(1), path, strict=False)
     assert isinstance(fresh[8], SVDLinear)
 
 
@@ -314,3 +315,79 @@ def test_transformers_bert_round_trip(tmp_path):
     torch.testing.assert_close(
         fresh(ids).last_hidden_state, model(ids).last_hidden_state, rtol=0, atol=0
     )
+
+
+@FORMATS
+def test_shared_and_tied_weights_whose_names_sort_differently(tmp_path, suffix):
+    # safetensors keeps the name that sorts first ("10..." before "2..."), not the
+    # first in module order; strict loading must accept either.
+    _suffix_available(suffix)
+
+    def build():
+        torch.manual_seed(0)
+        shared = nn.Linear(16, 16)
+        tied = nn.Linear(16, 16)
+        layers = [nn.Linear(16, 16), nn.ReLU(), shared] + [nn.ReLU()] * 7 + [shared]
+        layers += [tied, nn.Linear(16, 16)]
+        model = nn.Sequential(*layers)
+        model[12].weight = tied.weight
+        return model
+
+    model = build()
+    factorize_(model, rank=4, include=["2"])
+    path = tmp_path / f"model{suffix}"
+    save_factorized(model, path)
+    fresh = load_factorized(build(), path)
+    assert fresh[2] is fresh[10] and isinstance(fresh[2], SVDLinear)
+    assert fresh[11].weight is fresh[12].weight
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [(3, "int"), ({"nested": torch.zeros(2)}, "dict"), (torch.empty(40, device="meta"), "meta")],
+    ids=["int", "dict", "meta"],
+)
+def test_non_tensor_weights_raise_before_anything_is_copied(tmp_path, value, words):
+    path = tmp_path / "model.pt"
+    save_factorized(_converted(), path)
+
+    def edit(plan, state):
+        state["0.bias"] = torch.full_like(state["0.bias"], 7.0)
+        state["8.bias"] = value
+
+    _tamper(path, edit)
+    fresh = _cnn(1)
+    snapshot = _snapshot(fresh)
+    with pytest.raises(ValueError, match=words):
+        load_factorized(fresh, path)
+    assert _unchanged(fresh, snapshot)
+
+
+def test_loading_leaves_the_random_state_alone(tmp_path):
+    path = tmp_path / "model.pt"
+    save_factorized(_converted(), path)
+    fresh = _cnn(1)
+    before = torch.get_rng_state()
+    load_factorized(fresh, path)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_non_strict_warns_about_what_it_skipped(tmp_path):
+    path = tmp_path / "model.pt"
+    save_factorized(_converted(), path)
+    _tamper(path, lambda plan, state: state.pop("8.bias"))
+    with pytest.warns(UserWarning, match="8.bias"):
+        load_factorized(_cnn(1), path, strict=False)
+
+
+def test_model_converted_at_another_rank_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.pt"
+    save_factorized(_converted(), path)
+    other = _cnn(1)
+    factorize_(other, rank=2, include=["5"])
+    snapshot = _snapshot(other)
+    with pytest.raises(ValueError, match="already has a SVDLinear"):
+        load_factorized(other, path)
+    assert _unchanged(other, snapshot)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from factorized_layers import (
 from .distributed_worker import build_dense_model, global_batch, train_single
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mlp() -> nn.Module:
@@ -129,8 +131,11 @@ def _distributed_matches_single_process(mode: str, tmp_path: Path) -> None:
     converted = _converted_cnn()
     checkpoint = tmp_path / "start.pt"
     save_factorized(converted, checkpoint)
-    reference = train_single(load_factorized(build_dense_model(), checkpoint), steps)
+    start_model = load_factorized(build_dense_model(), checkpoint)
+    assert isinstance(start_model[0], CPConv2d) and isinstance(start_model[5], SVDLinear)
+    reference = train_single(start_model, steps)
     out = tmp_path / f"{mode}.pt"
+    pythonpath = os.environ.get("PYTHONPATH", "")
     start = time.perf_counter()
     result = subprocess.run(
         [
@@ -150,12 +155,15 @@ def _distributed_matches_single_process(mode: str, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
+        # The worker must import the package under test, not whatever is installed.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), pythonpath]))},
     )
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
     assert elapsed < 60, f"{mode} run took {elapsed:.1f} s"
     trained = torch.load(out, weights_only=True)
     assert trained.keys() == reference.keys()
+    assert "0.in_channel_factor" in trained and "5.input_factor" in trained
     initial = dict(load_factorized(build_dense_model(), checkpoint).named_parameters())
     for name, value in reference.items():
         assert not torch.equal(value, initial[name]), f"{name} did not train"

@@ -124,7 +124,7 @@ def _model() -> nn.Module:
 
 def _converted() -> nn.Module:
     model = _model()
-    factorize_(model, rank=0.6, layer_options={CPConv2d: {"n_iter": 10}}, seed=0)
+    factorize_(model, rank=0.6, exclude=["6"], layer_options={CPConv2d: {"n_iter": 10}}, seed=0)
     factorize_(model, rank=0.5, layers={nn.Linear: TuckerLinear}, include=["6"], allow_larger=True)
     return model
 
@@ -186,3 +186,21 @@ def test_truncated_model_keeps_training():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_truncate_options_reach_only_the_classes_that_take_them():
+    model = _converted()
+    ranks_before = [getattr(m, "rank", None) for m in model]
+    with pytest.raises(TypeError, match="taken by no targeted layer"):
+        truncate_(model, rank=2, max_sweeps=3)
+    assert [getattr(m, "rank", None) for m in model] == ranks_before
+    report = truncate_(model, rank=2, n_iter=5)  # Tucker and CP take n_iter, SVD does not
+    assert {row.name for row in report.replaced} == {"0", "3", "5", "6"}
+
+
+def test_truncate_error_in_one_layer_leaves_the_model_unchanged():
+    model = _converted()
+    ranks_before = [getattr(m, "rank", None) for m in model]
+    with pytest.raises(ValueError, match="5 \\(SVDLinear\\)"):
+        truncate_(model, rank={"3": 2, "5": 1000})
+    assert [getattr(m, "rank", None) for m in model] == ranks_before

@@ -565,6 +565,8 @@ class CPConv2d(ConfigMixin, nn.Module):
             layer.fit_info = {
                 "n_iter": result.n_iter,
                 "converged": result.converged,
+                "degenerate": result.degenerate,
+                "ridge": result.ridge,
                 "truncated_from": self.rank,
             }
         return layer.train(self.training)
