@@ -14,6 +14,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Iterator, List, NamedTuple, Sequence, Tuple
 
@@ -1000,7 +1001,12 @@ def whitened_cp_factors(
     others = [n for n in range(work.dim()) if n != mode]
     mttkrp = _partial_contraction(work, factors, others).double()
     grams = [f.double().mT @ f.double() for f in factors]
-    weights, unit = _als_update(mttkrp, grams, mode, fit.ridge, torch.finfo(dtype).eps)
+    # The caller's ridge, not fit.ridge: the degeneracy guard may have raised that one
+    # (up to 0.1), which would bias this exact least-squares refit.
+    refit_ridge = als_options.get(
+        "ridge", inspect.signature(_cp_als_fit).parameters["ridge"].default
+    )
+    weights, unit = _als_update(mttkrp, grams, mode, refit_ridge, torch.finfo(dtype).eps)
     factors[mode] = unit.to(dtype)
     root = weights.clamp_min(0) ** (1.0 / len(factors))
     factors = [f * root.to(dtype) for f in factors]
