@@ -95,6 +95,9 @@ def _worker(rank: int, mode: str, checkpoint: str, out: str, steps: int, port: i
             final[name] = value.clone()
         if rank == 0:
             torch.save(final, out)
+        # Leave together: a rank tearing down gloo while the other is still in a
+        # collective aborts it ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
