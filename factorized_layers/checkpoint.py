@@ -163,8 +163,9 @@ def load_factorized(
     swapped: List[Tuple[nn.Module, nn.Module, list]] = []
     try:
         for old, new in replacements.values():
-            _swap(old, new, parents.get(id(old), []))
-            swapped.append((old, new, parents.get(id(old), [])))
+            where = parents.get(id(old), [])
+            _swap(old, new, where)
+            swapped.append((old, new, where))
         if state_dict is None:
             missing, unexpected = _safetensors().load_model(model, os.fspath(path), strict=strict)
         else:

@@ -840,11 +840,13 @@ def truncate_(
     parents = _parents(model)
     rows = []
     for fqn, layer, layer_cls, spec, new in planned:
+        with torch.no_grad():
+            before = layer.dense_weight()
         row = LayerReport(
             name=fqn,
             source_type=layer_cls.__name__,
             target_type=layer_cls.__name__,
-            shape=tuple(layer.dense_weight().shape),
+            shape=tuple(before.shape),
             rank=new.rank,
             params_before=_params(layer),
             params_after=_params(new),
@@ -856,16 +858,15 @@ def truncate_(
             row.params_after, row.flops_after = row.params_before, row.flops_before
             row.skipped = f"already at or below rank {spec!r}"
         else:
-            row.weight_error = _relative_change(layer, new)
+            row.weight_error = _relative_change(before, new)
             _swap(layer, new, parents.get(id(layer), []))
         rows.append(row)
     return FactorizationReport(rows)
 
 
-def _relative_change(old: nn.Module, new: nn.Module) -> float | None:
+def _relative_change(before: torch.Tensor, new: nn.Module) -> float | None:
     """``||W_old - W_new|| / ||W_old||`` in float32/64 (``None`` on meta)."""
     with torch.no_grad():
-        before = old.dense_weight()
         if before.device.type == "meta":
             return None
         compute = torch.float64 if before.dtype == torch.float64 else torch.float32
