@@ -140,8 +140,8 @@ def tucker_linear_equation(out_folded: Tuple[bool, ...], in_folded: Tuple[bool, 
 
 _ELEMENT_COST = 40
 """Multiply-accumulate equivalents charged per activation element that a *thin*
-GEMM (inner or outer size below :data:`_THIN`), a rotation copy or an unfused bias
-add reads or writes. FLOP counts alone (opt_einsum's model) mispredict the Tucker
+GEMM (inner or outer size below :data:`_THIN`), a rotation (see :func:`_rotated`)
+or an unfused bias add reads or writes. FLOP counts alone (opt_einsum's model) mispredict the Tucker
 chain on CPU: its per-mode GEMMs have sizes of 3--16 and are memory-bound, while
 large GEMMs run at full speed. Fitted on 2-core CPU runs of the MiniLM layers
 (``benchmarks/bench_tucker_linear.py``): the 3+3-mode 1536x384 chain at batch 4096
@@ -189,10 +189,9 @@ def tucker_schedule_costs(plan: TuckerPlan, batch: int) -> Tuple[int, int]:
     bias_moved = 0 if two_mode else 2 * plan.out_features
     per_row = in_macs + out_macs + plan.rows * plan.columns
     per_row += g * (in_moved + out_moved + core_moved + bias_moved)
-    build_out = chain(plan.rows * plan.columns, out_steps, True)
-    build_in = chain(
-        plan.out_features * plan.columns, [(r, n, i >= 0) for n, r, i in plan.in_modes], True
-    )
+    # The weight is built in place: input modes on the core, then output modes.
+    build_in = chain(plan.rows * plan.columns, [(r, n, i >= 0) for n, r, i in plan.in_modes], False)
+    build_out = chain(plan.rows * plan.in_features, out_steps, False)
     build = build_out[0] + build_in[0] + g * (build_out[1] + build_in[1])
     return batch * per_row, build + batch * plan.in_features * plan.out_features
 
@@ -244,6 +243,28 @@ def _eager_input_first(plan: TuckerPlan, batch: int) -> bool:
     return False
 
 
+_GEMM_ROTATION_MAX_MODE = 128
+"""Largest mode a CPU rotation moves by a GEMM with the identity rather than a copy.
+
+Rotating ``(n, rest)`` to ``(rest, n)`` (a transposing copy) read 1.7 ns per element
+for n = 6 and 0.9 for n = 48 on 2 CPU threads, where ``mm(view.mT, eye(n))`` --
+whose packing is cache-blocked -- took 0.4 and 0.55 ns; at n = 384 the GEMM's
+``n`` multiply-adds per element made it 3x slower than the copy."""
+
+_GEMM_ROTATION_MIN_SIZE = 1 << 12
+"""Below this many elements a rotation is a plain copy (the identity costs an op)."""
+
+
+def _rotated(t: torch.Tensor) -> torch.Tensor:
+    """``t.mT.contiguous()`` for a 2-D ``t``, by a GEMM with the identity where faster."""
+    rows, cols = t.shape
+    n = min(rows, cols)
+    if t.device.type != "cpu" or n > _GEMM_ROTATION_MAX_MODE or t.numel() < _GEMM_ROTATION_MIN_SIZE:
+        return t.mT.contiguous()
+    eye = torch.eye(n, dtype=t.dtype, device=t.device)
+    return torch.mm(t.mT, eye) if rows == n else torch.mm(eye, t.mT)
+
+
 def _end_to_front(t: torch.Tensor, factors, sizes, targets, rows: int) -> torch.Tensor:
     """Multiply the trailing modes of ``t`` (``rows`` x modes) by ``factors``, last first.
 
@@ -255,7 +276,7 @@ def _end_to_front(t: torch.Tensor, factors, sizes, targets, rows: int) -> torch.
     for k in reversed(range(len(sizes))):
         t = t.reshape(size // sizes[k], sizes[k])
         factor = factors[k]
-        t = t.mT.contiguous() if factor is None else torch.mm(factor.mT, t.mT)
+        t = _rotated(t) if factor is None else torch.mm(factor.mT, t.mT)
         size = size // sizes[k] * targets[k]
     return t
 
@@ -271,7 +292,7 @@ def _front_to_end(t: torch.Tensor, factors, sizes, targets, cols: int) -> torch.
     for k in range(len(sizes)):
         t = t.reshape(sizes[k], size // sizes[k])
         factor = factors[k]
-        t = t.mT.contiguous() if factor is None else torch.mm(t.mT, factor.mT)
+        t = _rotated(t) if factor is None else torch.mm(t.mT, factor.mT)
         size = size // sizes[k] * targets[k]
     return t
 
@@ -377,16 +398,34 @@ def _pick(factors, modes):
     return [None if index < 0 else factors[index] for _, _, index in modes]
 
 
+def _mode_product(t: torch.Tensor, factor: torch.Tensor, pre: int, size: int, post: int):
+    """``factor`` (``(target, size)``) applied in place to the middle mode of ``t``
+    viewed as ``(pre, size, post)``: one GEMM, or one batched GEMM over ``pre``."""
+    if post == 1:
+        return torch.mm(t.reshape(pre, size), factor.mT)
+    if pre == 1:
+        return torch.mm(factor, t.reshape(size, post))
+    # matmul would fold ``pre`` into the rows through two transposing copies.
+    return torch.bmm(factor.expand(pre, *factor.shape), t.reshape(pre, size, post))
+
+
 def _planned_dense_weight(plan: TuckerPlan, core, out_factors, in_factors) -> torch.Tensor:
-    out_sizes = [n for n, _, _ in plan.out_modes]
-    out_ranks = [r for _, r, _ in plan.out_modes]
-    in_sizes = [n for n, _, _ in plan.in_modes]
-    in_ranks = [r for _, r, _ in plan.in_modes]
-    t = _front_to_end(
-        core, _pick(out_factors, plan.out_modes), out_ranks, out_sizes, plan.columns
-    )  # (S, out)
-    # In-factors map rank -> mode size: (in_shape[k], in_ranks[k]) is already (target, size).
-    t = _front_to_end(t, _pick(in_factors, plan.in_modes), in_ranks, in_sizes, plan.out_features)
+    # Every mode is multiplied in place (input modes on the core's columns first, while
+    # the tensor is smallest, then output modes with the input features trailing), so
+    # the weight comes out in (out, in) order without rotation copies.
+    t = core
+    pre, post = plan.rows, plan.columns
+    for size, rank, index in plan.in_modes:
+        post //= rank
+        if index >= 0:
+            t = _mode_product(t, in_factors[index], pre, rank, post)
+        pre *= size
+    pre, post = 1, plan.rows
+    for size, rank, index in plan.out_modes:
+        post //= rank
+        if index >= 0:
+            t = _mode_product(t, out_factors[index], pre, rank, post * plan.in_features)
+        pre *= size
     return t.reshape(plan.out_features, plan.in_features)
 
 
@@ -440,24 +479,25 @@ def tucker_linear(
     if input.dim() == 0 or input.shape[-1] != in_features:
         raise ValueError(f"expected input of shape (*, {in_features}), got {tuple(input.shape)}")
     out_modes, in_modes = plan.out_modes, plan.in_modes
+    batch = input.numel() // in_features
     if len(out_modes) == 1 and len(in_modes) == 1:
         # One (merged) mode per side: U G V^T as chained F.linear calls.
-        matrix = core.reshape(plan.rows, plan.columns)
+        matrix = core if core.dim() == 2 else core.reshape(plan.rows, plan.columns)
         u = None if out_modes[0][2] < 0 else out_factors[out_modes[0][2]]
         v = None if in_modes[0][2] < 0 else in_factors[in_modes[0][2]]
         if u is None and v is None:
             return F.linear(input, matrix, bias)
-        batch = input.numel() // in_features
         if not (plan.always_input_first or _input_first(plan, batch)):
             return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
         h = input if v is None else torch.matmul(input, v)
         if u is None:
             return F.linear(h, matrix, bias)
         return F.linear(F.linear(h, matrix), u, bias)
-    lead = input.shape[:-1]
-    batch = input.numel() // in_features
     if not (plan.always_input_first or _input_first(plan, batch)):
         return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
+    if batch == 1:
+        return _single_row(input, plan, core, out_factors, in_factors, bias)
+    lead = input.shape[:-1]
     if len(in_modes) == 1 and in_modes[0][2] < 0:
         t = input.reshape(batch, in_features).mT  # (S, B) as a view: no copy
     else:
@@ -478,6 +518,38 @@ def tucker_linear(
     )  # (B, out)
     out = t.reshape(*lead, plan.out_features)
     return out if bias is None else out + bias
+
+
+def _single_row(input, plan: TuckerPlan, core, out_factors, in_factors, bias) -> torch.Tensor:
+    """One input row: every mode multiplied in place, the fewest kernel calls.
+
+    At one row the rotations' copies and views cost more than the arithmetic; here
+    the output modes run last to first so that the final GEMM (the first mode, a
+    plain matrix product) takes the bias.
+    """
+    t = input
+    pre, post = 1, plan.in_features
+    for size, rank, index in plan.in_modes:
+        post //= size
+        if index >= 0:
+            t = _mode_product(t, in_factors[index].mT, pre, size, post)
+        pre *= rank
+    # A matrix-vector product: GEMM calls with one row paid MKL's threading overhead.
+    t = torch.mv(core.reshape(plan.rows, plan.columns), t.reshape(plan.columns))
+    modes = plan.out_modes
+    first = 0 if modes[0][2] >= 0 and bias is not None else -1
+    pre, post = plan.rows, 1
+    for k in range(len(modes) - 1, -1, -1):
+        size, rank, index = modes[k]
+        pre //= rank
+        if k == first:
+            t = torch.addmm(bias.view(size, post), out_factors[index], t.reshape(rank, post))
+            bias = None
+        elif index >= 0:
+            t = _mode_product(t, out_factors[index], pre, rank, post)
+        post *= size
+    t = t.reshape(input.shape[:-1] + (plan.out_features,))
+    return t if bias is None else t + bias
 
 
 def _input_first(plan: TuckerPlan, batch) -> bool:

@@ -259,8 +259,8 @@ class TuckerLinear(ConfigMixin, nn.Module):
         return tucker_linear(
             input,
             fast_parameter(self, "core"),
-            tuple(fast_parameter(self, name) for name in self._out_names),
-            tuple(fast_parameter(self, name) for name in self._in_names),
+            [fast_parameter(self, name) for name in self._out_names],
+            [fast_parameter(self, name) for name in self._in_names],
             fast_parameter(self, "bias"),
             plan=self._plan,
         )
