@@ -726,9 +726,9 @@ def _cp_als_fit(
                 factors[mode] = update.to(dtype)
                 grams[mode] = update.T @ update
 
-        finite = bool(torch.isfinite(weights).all()) and all(
-            bool(torch.isfinite(f).all()) for f in factors
-        )
+        # A non-finite entry of a factor makes its column norm, hence a weight,
+        # non-finite (the error below also sees every factor).
+        finite = bool(torch.isfinite(weights).all())
         if finite:
             # ||T - X||^2 = 1 - 2 <T, X> + ||X||^2 (||T|| = 1) from the last MTTKRP and
             # the Gram matrices: no reconstruction. It loses digits by cancellation for
