@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from factorized_layers import functional
 from factorized_layers.decompose import (
     hooi,
     hosvd,
@@ -570,6 +571,38 @@ def test_gradcheck_float64_weight_first_path():
         return torch.func.functional_call(layer, dict(zip(names, params)), (x,)).sum(0)
 
     assert torch.autograd.gradcheck(fn, tuple(layer.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 4096), (4096, 6), (100, 100), (200, 300), (3, 5)])
+def test_rotation_equals_transposing_copy_exactly(shape, dtype):
+    t = torch.randn(shape).to(dtype)
+    rotated = functional._rotated(t)
+    assert rotated.is_contiguous() and rotated.dtype == dtype
+    assert torch.equal(rotated, t.mT.contiguous())
+
+
+def test_gradcheck_float64_gemm_rotation_and_few_rows_paths():
+    torch.manual_seed(0)
+    # Output mode 6 is folded: the chain rotates it, by GEMM once it is large enough.
+    layer = TuckerLinear(
+        384, 384, (4, 24, 8), out_shape=(16, 24), in_shape=(384,), dtype=torch.float64
+    )
+    plan = layer._plan
+    names = [n for n, _ in layer.named_parameters()]
+    few = functional._FEW_ROWS_PRODUCTS // plan.small_products_per_row
+    many = 2048
+    assert plan.always_input_first
+    assert many * plan.small_products_per_row > functional._FEW_ROWS_PRODUCTS
+    assert many * plan.rows >= functional._GEMM_ROTATION_MIN_SIZE
+    for batch in (1, few, many):
+        x = torch.randn(batch, 384, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), F.linear(x, _einsum_weight(layer), layer.bias))
+
+        def fn(*params, x=x):
+            return torch.func.functional_call(layer, dict(zip(names, params)), (x,)).sum(0)
+
+        assert torch.autograd.gradcheck(fn, tuple(layer.parameters()), fast_mode=True)
 
 
 def test_compile_fullgraph_symbolic_batch_matches_eager():
