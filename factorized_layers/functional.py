@@ -141,11 +141,13 @@ def tucker_linear_equation(out_folded: Tuple[bool, ...], in_folded: Tuple[bool, 
 _ELEMENT_COST = 40
 """Multiply-accumulate equivalents charged per activation element that a *thin*
 GEMM (inner or outer size below :data:`_THIN`), a rotation (see :func:`_rotated`)
-or an unfused bias add reads or writes. FLOP counts alone (opt_einsum's model) mispredict the Tucker
-chain on CPU: its per-mode GEMMs have sizes of 3--16 and are memory-bound, while
-large GEMMs run at full speed. Fitted on 2-core CPU runs of the MiniLM layers
-(``benchmarks/bench_tucker_linear.py``): the 3+3-mode 1536x384 chain at batch 4096
-(0.73x dense measured) and the 384x384 one (1.1x) both give 37--47."""
+or an unfused bias add reads or writes. FLOP counts alone (opt_einsum's model)
+mispredict the Tucker chain on CPU: its per-mode GEMMs have sizes of 3--16 and are
+memory-bound, while large GEMMs run at full speed. Fitted on 2-core CPU runs of the
+MiniLM layers (``benchmarks/bench_tucker_linear.py``): the 3+3-mode 1536x384 chain
+at batch 4096 (0.73x dense measured) and the 384x384 one (1.1x) both gave 37--47,
+when rotations were copies. A GEMM rotation's 0.4--0.55 ns per element (modes 6 to
+48, 2 threads) is about 40 multiply-accumulates of a large GEMM on the same CPU."""
 
 _THIN = 32
 
@@ -154,9 +156,10 @@ def tucker_schedule_costs(plan: TuckerPlan, batch: int) -> Tuple[int, int]:
     """Modelled cost ``(input_first, weight_first)`` of the two schedules of ``plan``.
 
     Cost = multiply-accumulates + :data:`_ELEMENT_COST` x elements read and written
-    by the memory-bound steps, as :func:`tucker_linear` executes them (folded modes
-    merged; a folded mode costs a rotation copy; a whole folded input side is read
-    in place). Pure integer arithmetic, so ``torch.compile`` can trace it.
+    by the memory-bound steps, as :func:`tucker_linear`'s rotation chain executes
+    them (folded modes merged; a folded mode costs a rotation; a whole folded input
+    side is read without a copy), and of building the weight mode by mode. Pure
+    integer arithmetic, so ``torch.compile`` can trace it.
 
     Examples:
         >>> plan = tucker_plan((1536,), (384,), (1536,), (153,))
@@ -189,7 +192,7 @@ def tucker_schedule_costs(plan: TuckerPlan, batch: int) -> Tuple[int, int]:
     bias_moved = 0 if two_mode else 2 * plan.out_features
     per_row = in_macs + out_macs + plan.rows * plan.columns
     per_row += g * (in_moved + out_moved + core_moved + bias_moved)
-    # The weight is built in place: input modes on the core, then output modes.
+    # The weight is built without rotations: input modes on the core, then output modes.
     build_in = chain(plan.rows * plan.columns, [(r, n, i >= 0) for n, r, i in plan.in_modes], False)
     build_out = chain(plan.rows * plan.in_features, out_steps, False)
     build = build_out[0] + build_in[0] + g * (build_out[1] + build_in[1])
@@ -255,14 +258,19 @@ _GEMM_ROTATION_MIN_SIZE = 1 << 12
 """Below this many elements a rotation is a plain copy (the identity costs an op)."""
 
 
-def _rotated(t: torch.Tensor) -> torch.Tensor:
-    """``t.mT.contiguous()`` for a 2-D ``t``, by a GEMM with the identity where faster."""
-    rows, cols = t.shape
-    n = min(rows, cols)
+def _rotated(t: torch.Tensor, mode_first: bool) -> torch.Tensor:
+    """``t.mT.contiguous()`` for a 2-D ``t``, by a GEMM with the identity where faster.
+
+    ``mode_first`` says which side of ``t`` is the mode being moved (the other
+    side holds the batch). The identity only ever spans the mode: a GEMM adds
+    ``0 * x`` terms, so an inf or NaN in one row would otherwise spread to every
+    other row of the batch.
+    """
+    n = t.shape[0] if mode_first else t.shape[1]
     if t.device.type != "cpu" or n > _GEMM_ROTATION_MAX_MODE or t.numel() < _GEMM_ROTATION_MIN_SIZE:
         return t.mT.contiguous()
     eye = torch.eye(n, dtype=t.dtype, device=t.device)
-    return torch.mm(t.mT, eye) if rows == n else torch.mm(eye, t.mT)
+    return torch.mm(t.mT, eye) if mode_first else torch.mm(eye, t.mT)
 
 
 def _end_to_front(t: torch.Tensor, factors, sizes, targets, rows: int) -> torch.Tensor:
@@ -276,7 +284,7 @@ def _end_to_front(t: torch.Tensor, factors, sizes, targets, rows: int) -> torch.
     for k in reversed(range(len(sizes))):
         t = t.reshape(size // sizes[k], sizes[k])
         factor = factors[k]
-        t = _rotated(t) if factor is None else torch.mm(factor.mT, t.mT)
+        t = _rotated(t, False) if factor is None else torch.mm(factor.mT, t.mT)
         size = size // sizes[k] * targets[k]
     return t
 
@@ -292,7 +300,7 @@ def _front_to_end(t: torch.Tensor, factors, sizes, targets, cols: int) -> torch.
     for k in range(len(sizes)):
         t = t.reshape(sizes[k], size // sizes[k])
         factor = factors[k]
-        t = _rotated(t) if factor is None else torch.mm(t.mT, factor.mT)
+        t = _rotated(t, True) if factor is None else torch.mm(t.mT, factor.mT)
         size = size // sizes[k] * targets[k]
     return t
 
@@ -344,7 +352,7 @@ class TuckerPlan(NamedTuple):
     """The modelled input-first cost per row is at most the dense one, so the chain
     wins at every batch size and no per-batch decision is needed."""
     small_products_per_row: int = 0
-    """Small matrix products per input row in :func:`_few_rows` (its batched GEMMs)."""
+    """Small matrix products per input row in :func:`_modes_in_place` (its batched GEMMs)."""
 
 
 def _merge(shape, ranks) -> Tuple[Tuple[int, int, int], ...]:
@@ -383,7 +391,7 @@ def _build_plan(out_shape, in_shape, out_ranks, in_ranks) -> TuckerPlan:
 
 
 def _small_products_per_row(plan: TuckerPlan) -> int:
-    """Per row, the matrices :func:`_mode_product` multiplies in :func:`_few_rows`."""
+    """Per row, the matrices :func:`_mode_product` multiplies in :func:`_modes_in_place`."""
     count, pre, post = 0, 1, plan.in_features
     for size, rank, index in plan.in_modes:
         post //= size
@@ -419,8 +427,9 @@ def _pick(factors, modes):
 
 
 def _mode_product(t: torch.Tensor, factor: torch.Tensor, pre: int, size: int, post: int):
-    """``factor`` (``(target, size)``) applied in place to the middle mode of ``t``
-    viewed as ``(pre, size, post)``: one GEMM, or one batched GEMM over ``pre``."""
+    """``factor`` (``(target, size)``) applied to the middle mode of ``t`` viewed as
+    ``(pre, size, post)``, the mode keeping its place (nothing is permuted): one
+    GEMM, or one batched GEMM over ``pre``. Returns a new tensor."""
     if post == 1:
         return torch.mm(t.reshape(pre, size), factor.mT)
     if pre == 1:
@@ -430,9 +439,9 @@ def _mode_product(t: torch.Tensor, factor: torch.Tensor, pre: int, size: int, po
 
 
 def _planned_dense_weight(plan: TuckerPlan, core, out_factors, in_factors) -> torch.Tensor:
-    # Every mode is multiplied in place (input modes on the core's columns first, while
-    # the tensor is smallest, then output modes with the input features trailing), so
-    # the weight comes out in (out, in) order without rotation copies.
+    # Every mode keeps its place (input modes on the core's columns first, while the
+    # tensor is smallest, then output modes with the input features trailing), so the
+    # weight comes out in (out, in) order without rotations.
     t = core
     pre, post = plan.rows, plan.columns
     for size, rank, index in plan.in_modes:
@@ -461,13 +470,17 @@ def tucker_linear(
     """``F.linear(input, tucker_dense_weight(core, out_factors, in_factors), bias)``, planned.
 
     The input ``(*, in_features)`` is viewed as ``(B, *in_shape)``. *Input first*
-    (the usual plan): one GEMM per non-folded input mode, each reading the previous
-    result as a plain or transposed matrix (the contracted mode rotates to the front,
-    so nothing is permuted); the core as a single ``(prod out_ranks, prod in_ranks)``
-    GEMM; then one GEMM per non-folded output mode, rotating the other way so the
-    result comes out as ``(B, *out_shape)``. A layer whose sides reduce to one mode
-    each (``U G V^T``) runs as chained ``F.linear`` calls. *Weight first*: the dense
-    weight is built with the same GEMMs, then one ``F.linear``; see
+    (the usual plan) runs as a chain of GEMMs: the non-folded input modes, the core
+    as a single ``(prod out_ranks, prod in_ranks)`` GEMM, the non-folded output
+    modes. With few rows (at most :data:`_IN_PLACE_MAX_PRODUCTS` small matrix
+    products in all) every mode keeps its place and is one (batched) GEMM on a
+    view. Otherwise each GEMM reads the previous result as a plain or transposed
+    matrix and the contracted mode rotates to the front (input side) or the end
+    (output side), so nothing is permuted; a folded mode between factored ones is
+    rotated by a copy, or on CPU by a GEMM with the identity (faster for modes up
+    to 128). A layer whose sides reduce to one mode each (``U G V^T``) runs as
+    chained ``F.linear`` calls. *Weight first*: the dense weight is built mode by
+    mode without rotations, then one ``F.linear``; see
     :func:`tucker_linear_input_first` for the choice.
 
     Args:
@@ -515,8 +528,8 @@ def tucker_linear(
         return F.linear(F.linear(h, matrix), u, bias)
     if not (plan.always_input_first or _input_first(plan, batch)):
         return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
-    if batch * plan.small_products_per_row <= _FEW_ROWS_PRODUCTS:
-        return _few_rows(input, batch, plan, core, out_factors, in_factors, bias)
+    if batch * plan.small_products_per_row <= _IN_PLACE_MAX_PRODUCTS:
+        return _modes_in_place(input, batch, plan, core, out_factors, in_factors, bias)
     lead = input.shape[:-1]
     if len(in_modes) == 1 and in_modes[0][2] < 0:
         t = input.reshape(batch, in_features).mT  # (S, B) as a view: no copy
@@ -540,21 +553,23 @@ def tucker_linear(
     return out if bias is None else out + bias
 
 
-_FEW_ROWS_PRODUCTS = 64
-"""Most small matrix products for which :func:`_few_rows` beats the rotations.
+_IN_PLACE_MAX_PRODUCTS = 64
+"""Most small matrix products for which :func:`_modes_in_place` beats the rotation chain.
 
 Measured on the MiniLM layers with (8, 8, 6) tensorizations at batches 1--64 (2 CPU
 threads): it won up to 24--64 products (up to batch 64 for 384x384 with ranks
 (3, 8, 6 | 8, 8, 6), batch 2 for 1536x384) and lost from about 90."""
 
 
-def _few_rows(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
-    """Few input rows: every mode multiplied in place, the fewest kernel calls.
+def _modes_in_place(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
+    """The chain with every mode kept in place: the fewest kernel calls.
 
-    With few rows the rotations' copies and views cost more than the arithmetic.
-    Each mode is one (batched) GEMM on a view; the output modes run last to first
-    so that, for one row, the final GEMM (the first mode, a plain matrix product)
-    takes the bias.
+    Each mode is one GEMM, or one batched GEMM over the rows and the modes before
+    it, on a view; nothing is rotated. With few rows (or when every factored mode
+    is the last of its side, so that no GEMM is batched) this beats the rotation
+    chain, whose copies and views cost more than its arithmetic there. The output
+    modes run last to first so that, for one row, the final GEMM (the first mode,
+    a plain matrix product) takes the bias.
     """
     t = input
     pre, post = batch, plan.in_features
@@ -565,7 +580,7 @@ def _few_rows(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors
         pre *= rank
     matrix = core.reshape(plan.rows, plan.columns)
     if batch == 1:
-        # A matrix-vector product: a one-row GEMM paid MKL's threading overhead.
+        # Matrix-vector: 3.2 us against 4.0 us for a one-row GEMM at 42x384 (2 threads).
         t = torch.mv(matrix, t.reshape(plan.columns))
     else:
         t = F.linear(t.reshape(batch, plan.columns), matrix)
@@ -738,10 +753,10 @@ def cp_convnd(
        Channels-last depthwise convolutions ran 2-9x faster than NCHW ones on CPU.
     3. ``rank -> out``: one GEMM written straight into the output's memory
        format: NCHW-contiguous for a contiguous input, channels-last for a
-       channels-last input -- what ``nn.Conv2d`` returns. On NCHW the bias is
-       added in place afterwards: ``baddbmm`` first copies the broadcast bias into
-       the whole output, which cost 0.2--0.4 ms of 2.3 ms at 64->128, rank 37,
-       32x32, batch 16 (2 CPU threads).
+       channels-last input -- what ``nn.Conv2d`` returns. The bias is fused into
+       the channels-last GEMM; on NCHW it is added afterwards: ``baddbmm`` first
+       copies the broadcast bias into the whole output, which cost 0.2--0.4 ms of
+       2.3 ms at 64->128, rank 37, 32x32, batch 16 (2 CPU threads).
 
     Args:
         input: ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``.
@@ -829,7 +844,7 @@ def cp_convnd(
         kernel = cp_merged_kernel(spatial_factors)
         hidden = conv(hidden, kernel, None, stride, conv_padding, dilation, rank)
 
-    # 3. rank -> out, bias fused, in the memory format nn.Conv2d would return.
+    # 3. rank -> out, in the memory format nn.Conv2d would return.
     out_spatial = tuple(hidden.shape[2:])
     out_channels = out_channel_factor.shape[0]
     rows = hidden.movedim(1, -1)
@@ -840,8 +855,9 @@ def cp_convnd(
         factor = out_channel_factor.expand(batch, out_channels, rank)
         output = torch.bmm(factor, columns)
         if bias is not None:
-            # baddbmm would first copy the broadcast bias into the whole output.
-            output = output.add_(bias.view(1, out_channels, 1))
+            # baddbmm would first copy the broadcast bias into the whole output. Not
+            # in place: that breaks torch.func.vmap over the bias.
+            output = output + bias.view(1, out_channels, 1)
         output = output.view((batch, out_channels) + out_spatial)
     return output.squeeze(0) if unbatched else output
 

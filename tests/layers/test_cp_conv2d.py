@@ -396,6 +396,45 @@ def test_cp_als_n_way_generic_and_result_fields():
         assert 1 <= result.n_iter <= 500
 
 
+def test_extrapolation_lowers_the_error_reached_in_a_fixed_number_of_sweeps():
+    torch.manual_seed(0)
+    kernel = nn.Conv2d(32, 48, 3).weight.detach()
+    for rank in (20, 60):
+        plain = cp_als(kernel, rank, n_iter=30, tol=0.0, extrapolate=False)
+        extrapolated = cp_als(kernel, rank, n_iter=30, tol=0.0)
+        assert plain.n_iter == extrapolated.n_iter == 30
+        assert extrapolated.error < plain.error
+        # Both report the exact error of the factors they return.
+        for result in (plain, extrapolated):
+            approx = cp_to_tensor(result.weights, result.factors)
+            exact = float((approx - kernel).norm() / kernel.norm())
+            assert abs(exact - result.error) < 1e-5
+
+
+def test_windowed_stop_runs_fewer_sweeps_with_a_looser_tolerance():
+    torch.manual_seed(0)
+    kernel = nn.Conv2d(32, 48, 3).weight.detach()
+    loose = cp_als(kernel, 40, n_iter=200, tol=1e-3)
+    tight = cp_als(kernel, 40, n_iter=200, tol=1e-5)
+    assert loose.converged and loose.n_iter < tight.n_iter
+    assert tight.error <= loose.error
+
+
+def test_vmap_over_the_bias_and_the_input():
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f, h, w = (torch.randn(*s, generator=g) for s in ((5, 3), (4, 3), (3, 3), (3, 3)))
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    biases = torch.randn(3, 5, generator=g)
+    weight = torch.einsum("or,ir,hr,wr->oihw", out_f, in_f, h, w)
+    batched = torch.func.vmap(lambda b: cp_convnd(x, out_f, in_f, (h, w), b, padding=1))(biases)
+    for b, y in zip(biases, batched):
+        torch.testing.assert_close(y, F.conv2d(x, weight, b, padding=1), rtol=1e-4, atol=1e-4)
+    inputs = torch.randn(3, 2, 4, 6, 6, generator=g)
+    batched = torch.func.vmap(lambda x: cp_convnd(x, out_f, in_f, (h, w), biases[0]))(inputs)
+    for xi, y in zip(inputs, batched):
+        torch.testing.assert_close(y, F.conv2d(xi, weight, biases[0]), rtol=1e-4, atol=1e-4)
+
+
 def test_cp_als_dtypes_devices_and_meta():
     tensor = torch.randn(6, 5, 4)
     half = cp_als(tensor.half(), 3, n_iter=5)

@@ -573,13 +573,31 @@ def test_gradcheck_float64_weight_first_path():
     assert torch.autograd.gradcheck(fn, tuple(layer.parameters()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 4096), (4096, 6), (100, 100), (200, 300), (3, 5)])
-def test_rotation_equals_transposing_copy_exactly(shape, dtype):
+def test_rotation_equals_transposing_copy_exactly(shape, dtype, mode_first):
     t = torch.randn(shape).to(dtype)
-    rotated = functional._rotated(t)
+    rotated = functional._rotated(t, mode_first)
     assert rotated.is_contiguous() and rotated.dtype == dtype
     assert torch.equal(rotated, t.mT.contiguous())
+
+
+@pytest.mark.parametrize(
+    "out_shape, in_shape, rank",
+    [((8, 8, 6), (8, 384), (3, 3, 3, 4, 384)), ((4, 4, 4, 6), (96,), (2, 4, 2, 6, 8))],
+)
+def test_inf_in_one_row_leaves_the_other_rows_finite(out_shape, in_shape, rank):
+    torch.manual_seed(0)
+    in_features = math.prod(in_shape)
+    out_features = math.prod(out_shape)
+    layer = TuckerLinear(in_features, out_features, rank, out_shape=out_shape, in_shape=in_shape)
+    for batch in (16, 256):
+        x = torch.randn(batch, in_features)
+        x[0, 5] = float("inf")
+        y = layer(x)
+        assert torch.isfinite(y[1:]).all()
+        torch.testing.assert_close(y[1:], F.linear(x[1:], layer.dense_weight(), layer.bias))
 
 
 def test_gradcheck_float64_gemm_rotation_and_few_rows_paths():
@@ -590,10 +608,10 @@ def test_gradcheck_float64_gemm_rotation_and_few_rows_paths():
     )
     plan = layer._plan
     names = [n for n, _ in layer.named_parameters()]
-    few = functional._FEW_ROWS_PRODUCTS // plan.small_products_per_row
+    few = functional._IN_PLACE_MAX_PRODUCTS // plan.small_products_per_row
     many = 2048
     assert plan.always_input_first
-    assert many * plan.small_products_per_row > functional._FEW_ROWS_PRODUCTS
+    assert many * plan.small_products_per_row > functional._IN_PLACE_MAX_PRODUCTS
     assert many * plan.rows >= functional._GEMM_ROTATION_MIN_SIZE
     for batch in (1, few, many):
         x = torch.randn(batch, 384, dtype=torch.float64)
@@ -605,6 +623,33 @@ def test_gradcheck_float64_gemm_rotation_and_few_rows_paths():
         assert torch.autograd.gradcheck(fn, tuple(layer.parameters()), fast_mode=True)
 
 
+@pytest.mark.parametrize(
+    "out_shape, in_shape, rank, bias",
+    [
+        ((4, 6), (3, 8), (4, 3, 2, 5), True),  # first output mode folded: bias added last
+        ((4, 6), (3, 8), (2, 6, 3, 5), True),  # first output mode factored: bias in its GEMM
+        ((4, 6), (3, 8), (2, 3, 2, 8), False),
+        ((16, 24), (8, 48), (16, 8, 8, 12), True),  # no batched GEMM at any batch size
+    ],
+)
+def test_modes_in_place_path_matches_oracle(out_shape, in_shape, rank, bias):
+    torch.manual_seed(0)
+    in_features, out_features = math.prod(in_shape), math.prod(out_shape)
+    layer = TuckerLinear(in_features, out_features, rank, out_shape=out_shape,
+                         in_shape=in_shape, bias=bias, dtype=torch.float64)  # fmt: skip
+    oracle = _einsum_weight(layer)
+    plan = layer._plan
+    batches = [0, 1, 2]
+    if plan.small_products_per_row == 0:
+        batches.append(3000)
+    for batch in batches:
+        assert batch * plan.small_products_per_row <= functional._IN_PLACE_MAX_PRODUCTS
+        x = torch.randn(batch, in_features, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), F.linear(x, oracle, layer.bias))
+    x = torch.randn(in_features, dtype=torch.float64)  # unbatched
+    torch.testing.assert_close(layer(x), F.linear(x, oracle, layer.bias))
+
+
 def test_compile_fullgraph_symbolic_batch_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -614,7 +659,8 @@ def test_compile_fullgraph_symbolic_batch_matches_eager():
         TuckerLinear(48, 24, (6, 4, 48), out_shape=(6, 4), in_shape=(48,)),
     ):
         compiled = torch.compile(layer, fullgraph=True, backend="eager", dynamic=True)
-        for batch in (3, 5, 11):
+        # Few rows keep every mode in place; 300 rows take the rotation chain.
+        for batch in (3, 5, 11, 300):
             x = torch.randn(batch, 48)
             torch.testing.assert_close(compiled(x), layer(x))
         x = torch.randn(2, 3, 48)
