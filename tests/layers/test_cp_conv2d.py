@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from factorized_layers import functional
 from factorized_layers.decompose import (
     cp_als,
     cp_factors,
@@ -100,6 +101,33 @@ def test_forward_matches_f_conv2d_and_to_dense(kernel_size, padding, padding_mod
                 msg = f"stride={stride} dilation={dilation} batch={batch} cl={channels_last}"
                 torch.testing.assert_close(out, expected, msg=msg)
                 torch.testing.assert_close(dense(x), expected, msg=msg)
+
+
+@pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@pytest.mark.parametrize("padding", [1, (1, 2), "valid"], ids=str)
+def test_bias_carried_as_a_rank_channel_is_exact(padding, padding_mode, separable, monkeypatch):
+    # Large outputs carry the bias as one more rank channel; lower the size threshold
+    # so that this small case takes that path.
+    monkeypatch.setattr(functional, "_BIAS_CHANNEL_MIN_OUTPUT", 1000)
+    torch.manual_seed(0)
+    layer = CPConv2d(3, 8, (5, 3), rank=4, stride=(1, 2), padding=padding, dilation=(2, 1),
+                     padding_mode=padding_mode, dtype=torch.float64)  # fmt: skip
+    x = torch.randn(3, 3, 30, 26, dtype=torch.float64)
+    assert _oracle(layer, x).numel() >= functional._BIAS_CHANNEL_MIN_OUTPUT
+    factors = [layer.out_channel_factor, layer.in_channel_factor, layer.height_factor,
+               layer.width_factor]  # fmt: skip
+    params = [*factors, layer.bias]
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = cp_conv2d(inp, *factors, layer.bias, layer.stride, layer.padding,
+                        layer.dilation, layer.padding_mode, separable=separable)  # fmt: skip
+        expected = _oracle(layer, inp)
+        torch.testing.assert_close(out, expected)
+        assert out.is_contiguous(memory_format=torch.channels_last) == (inp is not x)
+        # Gradients of every factor and of the bias match the dense oracle's.
+        grads = torch.autograd.grad(out.square().sum(), params)
+        for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), params)):
+            torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("kernel_size", [(3, 3), (5, 3), (2, 4), (9, 9)], ids=str)
@@ -420,7 +448,10 @@ def test_windowed_stop_runs_fewer_sweeps_with_a_looser_tolerance():
     assert tight.error <= loose.error
 
 
-def test_vmap_over_the_bias_and_the_input():
+@pytest.mark.parametrize("bias_channel", [False, True])
+def test_vmap_over_the_bias_and_the_input(bias_channel, monkeypatch):
+    if bias_channel:
+        monkeypatch.setattr(functional, "_BIAS_CHANNEL_MIN_OUTPUT", 1)
     g = torch.Generator().manual_seed(3)
     out_f, in_f, h, w = (torch.randn(*s, generator=g) for s in ((5, 3), (4, 3), (3, 3), (3, 3)))
     x = torch.randn(2, 4, 6, 6, generator=g)
