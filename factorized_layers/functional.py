@@ -720,6 +720,14 @@ def cp_merged_kernel(spatial_factors) -> torch.Tensor:
     return kernel.unsqueeze(1)
 
 
+_BATCHED_GEMM_MIN_MACS = 1 << 17
+"""Multiply-adds per image from which :func:`cp_convnd` reads an NCHW input by one
+batched GEMM over the images (no copy) rather than copying it into one tall GEMM.
+Measured on 2 CPU threads: at 64->128, rank 37, 32x32 (2.4 M per image) the batched
+GEMM saved the 4 MB copy; at 1 -> 32 channels, rank 6 on 8x8 digits (384 per image,
+360 images) it was 4.3x slower, each image's GEMM costing more in overhead than work;
+at 32x8x8 to rank 16 (33 K) the two were even."""
+
 _BIAS_CHANNEL_MIN_OUTPUT = 1 << 20
 """Output elements from which :func:`cp_convnd` carries the bias as an extra rank
 channel instead of adding it to the output afterwards (a pass over the output).
@@ -748,11 +756,12 @@ def cp_convnd(
     Three steps:
 
     1. ``in -> rank``: one GEMM over the channel dimension whose output is laid out
-       channels-last, ``(N, *spatial, rank)``; an NCHW input is read in place
-       through a transposed view by a batched GEMM (``matmul`` would copy it).
-       Measured as fast as or faster than a 1x1 ``F.conv2d`` (up to 4x on NCHW
-       input) and the equivalent opt_einsum contraction (up to 2x),
-       ``benchmarks/bench_cp_conv2d.py --contraction``.
+       channels-last, ``(N, *spatial, rank)``; an NCHW input with enough work per
+       image (:data:`_BATCHED_GEMM_MIN_MACS`) is read through a transposed view by a
+       batched GEMM (``matmul`` would copy it first). Measured as fast as or
+       faster than a 1x1 ``F.conv2d`` (up to 4x on NCHW input) and the equivalent
+       opt_einsum contraction (up to 2x), ``benchmarks/bench_cp_conv2d.py
+       --contraction``.
     2. Depthwise filtering with ``groups=rank``: the merged kernel
        (:func:`cp_merged_kernel`), or one 1-D pass per dimension when
        :func:`cp_conv_separable` says so (or ``separable=True``). Stride, dilation
@@ -763,10 +772,16 @@ def cp_convnd(
        Channels-last depthwise convolutions ran 2-9x faster than NCHW ones on CPU.
     3. ``rank -> out``: one GEMM written straight into the output's memory
        format: NCHW-contiguous for a contiguous input, channels-last for a
-       channels-last input -- what ``nn.Conv2d`` returns. The bias is fused into
-       the channels-last GEMM; on NCHW it is added afterwards: ``baddbmm`` first
-       copies the broadcast bias into the whole output, which cost 0.2--0.4 ms of
-       2.3 ms at 64->128, rank 37, 32x32, batch 16 (2 CPU threads).
+       channels-last input -- what ``nn.Conv2d`` returns. The bias enters the
+       last GEMM (``baddbmm`` / ``F.linear``, which first copy it into the whole
+       output) or, for outputs of :data:`_BIAS_CHANNEL_MIN_OUTPUT` elements or
+       more, rides along as one more rank channel that is 1 after step 2.
+
+    Large temporaries matter on CPU beyond their copies: glibc serves big blocks by
+    ``mmap``, and every call then pays page faults on fresh memory. With the heap
+    pinned (``MALLOC_MMAP_THRESHOLD_``) the NCHW path at 64->128, rank 37, 32x32,
+    batch 16 took 1.48 ms against 1.62 ms for the previous copy-then-GEMM form;
+    under the default allocator the previous form measured 2.1--7.0 ms.
 
     Args:
         input: ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``.
@@ -843,10 +858,13 @@ def cp_convnd(
     if channels_last:
         hidden = torch.matmul(input.movedim(1, -1), in_channel_factor)
     else:
-        # bmm reads the transposed (N, pixels, C_in) view in place; matmul would
-        # first copy it to fold the batch into the rows.
         columns = input.flatten(2).transpose(1, 2)
-        hidden = torch.bmm(columns, in_channel_factor.expand(batch, in_channels, rank))
+        if math.prod(spatial) * in_channels * rank >= _BATCHED_GEMM_MIN_MACS:
+            # bmm reads the transposed (N, pixels, C_in) view in place; matmul would
+            # first copy it to fold the batch into the rows.
+            hidden = torch.bmm(columns, in_channel_factor.expand(batch, in_channels, rank))
+        else:
+            hidden = torch.matmul(columns, in_channel_factor)
         hidden = hidden.view((batch,) + spatial + (rank,))
     hidden = hidden.movedim(-1, 1)
 
@@ -881,11 +899,12 @@ def cp_convnd(
     else:
         columns = rows.reshape(batch, -1, rank).transpose(1, 2)
         factor = out_channel_factor.expand(batch, out_channels, rank)
-        output = torch.bmm(factor, columns)
-        if bias is not None:
-            # A small output (the bias channel costs a few kernel calls). Not
-            # in place: that breaks torch.func.vmap over the bias.
-            output = output + bias.view(1, out_channels, 1)
+        if bias is None:
+            output = torch.bmm(factor, columns)
+        else:
+            # A small output: the bias channel costs more kernel calls than baddbmm's
+            # copy of the broadcast bias into the output.
+            output = torch.baddbmm(bias.view(1, out_channels, 1), factor, columns)
         output = output.view((batch, out_channels) + out_spatial)
     return output.squeeze(0) if unbatched else output
 

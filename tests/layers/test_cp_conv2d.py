@@ -103,6 +103,23 @@ def test_forward_matches_f_conv2d_and_to_dense(kernel_size, padding, padding_mod
                 torch.testing.assert_close(dense(x), expected, msg=msg)
 
 
+@pytest.mark.parametrize("batched_gemm", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_nchw_input_gemm_forms_match_the_oracle(batched_gemm, bias, monkeypatch):
+    # Both ways of reading an NCHW input (one batched GEMM per image, or one copy and
+    # a tall GEMM), with and without a bias.
+    monkeypatch.setattr(functional, "_BATCHED_GEMM_MIN_MACS", 1 if batched_gemm else 1 << 62)
+    torch.manual_seed(0)
+    layer = CPConv2d(6, 5, 3, rank=4, padding=1, bias=bias, dtype=torch.float64)
+    for x in (
+        torch.randn(3, 6, 9, 7, dtype=torch.float64),
+        torch.randn(6, 9, 7, dtype=torch.float64),
+    ):
+        out = layer(x)
+        torch.testing.assert_close(out, _oracle(layer, x))
+        assert out.is_contiguous()
+
+
 @pytest.mark.parametrize("separable", [False, True])
 @pytest.mark.parametrize("padding_mode", PADDING_MODES)
 @pytest.mark.parametrize("padding", [1, (1, 2), "valid"], ids=str)
