@@ -802,6 +802,7 @@ def cp_convnd(
     Raises:
         ValueError: Wrong input rank or channel count, bad stride/padding/dilation
             arity or values, unknown ``padding_mode``.
+        TypeError: A bias whose dtype differs from the factors'.
 
     Examples:
         >>> x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
@@ -837,11 +838,21 @@ def cp_convnd(
     batch, spatial = input.shape[0], tuple(input.shape[2:])
     channels_last = not input.is_contiguous() and input.movedim(1, -1).is_contiguous()
     out_channels = out_channel_factor.shape[0]
+    if bias is not None and bias.dtype != out_channel_factor.dtype:
+        raise TypeError(
+            f"bias dtype {bias.dtype} differs from the factors' dtype {out_channel_factor.dtype}"
+        )
+    out_spatial_size = 1
+    for size, (before, after), d, k, s in zip(spatial, pads, dilation, kernel_size, stride):
+        out_spatial_size *= (size + before + after - d * (k - 1) - 1) // s + 1
     depthwise_bias = None
-    if bias is not None and batch * out_channels * math.prod(spatial) >= _BIAS_CHANNEL_MIN_OUTPUT:
+    if bias is not None and batch * out_channels * out_spatial_size >= _BIAS_CHANNEL_MIN_OUTPUT:
         # The bias rides along as one more rank channel: zero after step 1 (zero
         # column), 1 after step 2 (zero kernel, depthwise bias 1), weighted by the
         # bias in step 3's GEMM. No pass over the whole output adds it afterwards.
+        depthwise_bias = torch.cat(
+            [in_channel_factor.new_zeros(rank), in_channel_factor.new_ones(1)]
+        )
         in_channel_factor = torch.cat(
             [in_channel_factor, in_channel_factor.new_zeros(in_channels, 1)], 1
         )
@@ -849,9 +860,6 @@ def cp_convnd(
             torch.cat([f, f.new_zeros(f.shape[0], 1)], 1) for f in spatial_factors
         )
         out_channel_factor = torch.cat([out_channel_factor, bias.reshape(out_channels, 1)], 1)
-        depthwise_bias = torch.cat(
-            [in_channel_factor.new_zeros(rank), in_channel_factor.new_ones(1)]
-        )
         rank, bias = rank + 1, None
 
     # 1. in -> rank, written as (N, *spatial, rank).

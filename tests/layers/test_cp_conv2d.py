@@ -103,6 +103,64 @@ def test_forward_matches_f_conv2d_and_to_dense(kernel_size, padding, padding_mod
                 torch.testing.assert_close(dense(x), expected, msg=msg)
 
 
+class _CountCat(torch.overrides.TorchFunctionMode):
+    """Counts ``torch.cat`` calls: the bias channel is built with them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.cat
+        return func(*args, **(kwargs or {}))
+
+
+def test_bias_channel_threshold_counts_output_elements(monkeypatch):
+    # Stride 4 makes the output 16x smaller than the input's pixel count.
+    torch.manual_seed(0)
+    layer = CPConv2d(4, 8, 3, rank=3, stride=4, padding=1)
+    x = torch.randn(2, 4, 32, 32)
+    outputs = layer(x).numel()
+    for threshold, expected_cats in ((outputs, 5), (outputs + 1, 0)):
+        monkeypatch.setattr(functional, "_BIAS_CHANNEL_MIN_OUTPUT", threshold)
+        with _CountCat() as counter:
+            out = layer(x)
+        assert counter.calls == expected_cats
+        torch.testing.assert_close(out, _oracle(layer, x))
+
+
+@pytest.mark.parametrize("bias_channel", [False, True])
+def test_bias_channel_in_1d_and_3d_and_unbatched(bias_channel, monkeypatch):
+    monkeypatch.setattr(functional, "_BIAS_CHANNEL_MIN_OUTPUT", 1 if bias_channel else 1 << 62)
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    out_f, in_f, bias = rnd(5, 3), rnd(4, 3), rnd(5)
+    k = [rnd(3, 3), rnd(5, 3), rnd(3, 3)]
+    w1 = torch.einsum("or,ir,ar->oia", out_f, in_f, k[0])
+    w3 = torch.einsum("or,ir,ar,br,cr->oiabc", out_f, in_f, *k)
+    for x in (rnd(2, 4, 9), rnd(4, 9)):
+        expected = F.conv1d(F.pad(x, (1, 1), mode="reflect"), w1, bias, stride=2)
+        got = cp_convnd(x, out_f, in_f, k[:1], bias, stride=2, padding=1, padding_mode="reflect")
+        torch.testing.assert_close(got, expected)
+    for x in (rnd(2, 4, 6, 5, 7), rnd(4, 6, 5, 7)):
+        for separable in (False, True):
+            got = cp_convnd(x, out_f, in_f, k, bias, padding="same", separable=separable)
+            torch.testing.assert_close(got, F.conv3d(x, w3, bias, padding="same"))
+
+
+@pytest.mark.parametrize("size", [6, 40])
+def test_bias_of_another_dtype_is_a_type_error(size):
+    layer = CPConv2d(3, 4, 3, rank=2, padding=1)
+    x = torch.randn(1, 3, size, size)
+    factors = (layer.out_channel_factor, layer.in_channel_factor, layer.height_factor,
+               layer.width_factor)  # fmt: skip
+    with pytest.raises(TypeError, match="bias dtype torch.float64"):
+        cp_conv2d(x, *factors, layer.bias.double(), padding=1)
+
+
 @pytest.mark.parametrize("batched_gemm", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_nchw_input_gemm_forms_match_the_oracle(batched_gemm, bias, monkeypatch):
