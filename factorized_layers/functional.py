@@ -138,16 +138,15 @@ def tucker_linear_equation(out_folded: Tuple[bool, ...], in_folded: Tuple[bool, 
     return ",".join(terms) + "->" + batch + "".join(out_mode)
 
 
-_ELEMENT_COST = 40
+_ELEMENT_COST = 28
 """Multiply-accumulate equivalents charged per activation element that a *thin*
 GEMM (inner or outer size below :data:`_THIN`), a rotation (see :func:`_rotated`)
 or an unfused bias add reads or writes. FLOP counts alone (opt_einsum's model)
 mispredict the Tucker chain on CPU: its per-mode GEMMs have sizes of 3--16 and are
 memory-bound, while large GEMMs run at full speed. Fitted on 2-core CPU runs of the
-MiniLM layers (``benchmarks/bench_tucker_linear.py``): the 3+3-mode 1536x384 chain
-at batch 4096 (0.73x dense measured) and the 384x384 one (1.1x) both gave 37--47,
-when rotations were copies. A GEMM rotation's 0.4--0.55 ns per element (modes 6 to
-48, 2 threads) is about 40 multiply-accumulates of a large GEMM on the same CPU."""
+MiniLM layers (``benchmarks/bench_tucker_linear.py``) at batch 4096: the four 3+3-mode
+layers (1536x384 and 384x384 at two budgets; chain measured at 1.13--1.54x dense)
+imply 24--31 since rotations are GEMMs (it was 37--47 when they were copies)."""
 
 _THIN = 32
 
