@@ -612,8 +612,18 @@ def _als_update(mttkrp: torch.Tensor, grams, mode: int, ridge: float, tiny: floa
         update = torch.cholesky_solve(mttkrp.T, chol).T
     else:
         update = (torch.linalg.pinv(system, hermitian=True) @ mttkrp.T).T
-    norms = update.norm(dim=0)
-    return norms, update / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return _unit_columns(update)
+
+
+def _unit_columns(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(float64 column norms, matrix with unit columns)``; zero columns stay zero."""
+    norms = matrix.double().norm(dim=0)
+    return norms, matrix / torch.where(norms > 0, norms, torch.ones_like(norms)).to(matrix.dtype)
+
+
+def _grams(factors) -> list:
+    """The float64 Gram matrix ``F^T F`` of every factor."""
+    return [f.double().T @ f.double() for f in factors]
 
 
 def _absorbed(weights: torch.Tensor, factors) -> list:
@@ -626,9 +636,9 @@ def _normalized_columns(factors) -> Tuple[torch.Tensor, list]:
     weights = torch.ones(factors[0].shape[1], dtype=torch.float64, device=factors[0].device)
     unit = []
     for factor in factors:
-        norms = factor.double().norm(dim=0)
+        norms, factor = _unit_columns(factor)
         weights = weights * norms
-        unit.append(factor / torch.where(norms > 0, norms, torch.ones_like(norms)).to(factor.dtype))
+        unit.append(factor)
     return weights, unit
 
 
@@ -703,7 +713,7 @@ def _cp_als_fit(
     data = data / data.norm()
     factors = _cp_svd_init(data, r, generator)
     # Small R x R algebra (Gram matrices, solves) always runs in float64.
-    grams = [(f.double().T @ f.double()) for f in factors]
+    grams = _grams(factors)
     weights = torch.ones(r, device=data.device, dtype=torch.float64)
     eye = torch.eye(r, device=data.device, dtype=torch.float64)
     tiny = torch.finfo(dtype).eps
@@ -749,7 +759,7 @@ def _cp_als_fit(
             degenerate = True
             current_ridge = min(max(current_ridge * 10, _CP_MIN_RIDGE_STEP), _CP_MAX_RIDGE)
             _, weights, factors = best[0], best[1].clone(), [f.clone() for f in best[2]]
-            grams = [(f.double().T @ f.double()) for f in factors]
+            grams = _grams(factors)
             previous_point = None
             history.clear()
             continue
@@ -764,7 +774,7 @@ def _cp_als_fit(
             if math.isfinite(trial_error) and trial_error < error:
                 error = trial_error
                 weights, factors = _normalized_columns(trial)
-                grams = [f.double().T @ f.double() for f in factors]
+                grams = _grams(factors)
             else:
                 failures += 1
                 if failures == _CP_EXTRAPOLATION_FAILURES:

@@ -43,6 +43,16 @@ __all__ = ["CPConv2d"]
 _IntOr2 = Union[int, Tuple[int, int]]
 
 
+def _fit_info(result) -> Dict[str, Any]:
+    """The ALS run's report kept in :attr:`CPConv2d.fit_info`."""
+    return {
+        "n_iter": result.n_iter,
+        "converged": result.converged,
+        "degenerate": result.degenerate,
+        "ridge": result.ridge,
+    }
+
+
 class CPConv2d(ConfigMixin, nn.Module):
     r"""2-D convolution whose kernel is a rank-``R`` CP tensor.
 
@@ -474,12 +484,7 @@ class CPConv2d(ConfigMixin, nn.Module):
                 layer.bias = trainable_like(conv.bias.detach().clone(), conv.bias)
         if weight.device.type != "meta":
             layer.fit_error = result.error
-            layer.fit_info = {
-                "n_iter": result.n_iter,
-                "converged": result.converged,
-                "degenerate": result.degenerate,
-                "ridge": result.ridge,
-            }
+            layer.fit_info = _fit_info(result)
             if gram is not None:
                 layer.fit_info["weighted_error"] = result.error
                 with torch.no_grad():
@@ -567,13 +572,7 @@ class CPConv2d(ConfigMixin, nn.Module):
                 layer.bias = trainable_like(self.bias.detach().clone(), self.bias)
         if self.in_channel_factor.device.type != "meta":
             layer.fit_error = result.error
-            layer.fit_info = {
-                "n_iter": result.n_iter,
-                "converged": result.converged,
-                "degenerate": result.degenerate,
-                "ridge": result.ridge,
-                "truncated_from": self.rank,
-            }
+            layer.fit_info = {**_fit_info(result), "truncated_from": self.rank}
         return layer.train(self.training)
 
     def extra_repr(self) -> str:
