@@ -737,6 +737,14 @@ the channel took 0.84x (rank 37) and 0.96x (rank 93) of the time on NCHW input,
 cache) it took 1.02--1.08x."""
 
 
+def _output_pixels(spatial, pads, kernel_size, stride, dilation) -> int:
+    """Output positions of a convolution with these (already resolved) options."""
+    pixels = 1
+    for size, (before, after), k, s, d in zip(spatial, pads, kernel_size, stride, dilation):
+        pixels *= (size + before + after - d * (k - 1) - 1) // s + 1
+    return pixels
+
+
 def cp_convnd(
     input: torch.Tensor,
     out_channel_factor: torch.Tensor,
@@ -841,11 +849,12 @@ def cp_convnd(
         raise TypeError(
             f"bias dtype {bias.dtype} differs from the factors' dtype {out_channel_factor.dtype}"
         )
-    out_spatial_size = 1
-    for size, (before, after), d, k, s in zip(spatial, pads, dilation, kernel_size, stride):
-        out_spatial_size *= (size + before + after - d * (k - 1) - 1) // s + 1
     depthwise_bias = None
-    if bias is not None and batch * out_channels * out_spatial_size >= _BIAS_CHANNEL_MIN_OUTPUT:
+    if (
+        bias is not None
+        and batch * out_channels * _output_pixels(spatial, pads, kernel_size, stride, dilation)
+        >= _BIAS_CHANNEL_MIN_OUTPUT
+    ):
         # The bias rides along as one more rank channel: zero after step 1 (zero
         # column), 1 after step 2 (zero kernel, depthwise bias 1), weighted by the
         # bias in step 3's GEMM. No pass over the whole output adds it afterwards.
