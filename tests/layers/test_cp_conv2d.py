@@ -523,6 +523,18 @@ def test_windowed_stop_runs_fewer_sweeps_with_a_looser_tolerance():
     assert tight.error <= loose.error
 
 
+@pytest.mark.parametrize("rank", [20, 60])
+def test_from_dense_default_stop_matches_100_plain_sweeps_in_fewer(rank):
+    # The default tolerance is calibrated against 100 plain ALS sweeps (TensorLy's
+    # default count): the momentum run stops earlier at no worse a fit (0.1% slack).
+    torch.manual_seed(0)
+    dense = nn.Conv2d(32, 48, 3)
+    plain = cp_als(dense.weight.detach(), rank, n_iter=100, tol=0.0, extrapolate=False)
+    layer = CPConv2d.from_dense(dense, rank)
+    assert layer.fit_info["converged"] and layer.fit_info["n_iter"] < 70
+    assert layer.fit_error <= 1.001 * plain.error
+
+
 @pytest.mark.parametrize("bias_channel", [False, True])
 def test_vmap_over_the_bias_and_the_input(bias_channel, monkeypatch):
     if bias_channel:
