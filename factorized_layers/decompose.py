@@ -453,8 +453,8 @@ class CPDecomposition(NamedTuple):
     n_iter: int
     """Number of ALS sweeps run."""
     converged: bool
-    """Whether the best error's relative improvement per sweep, averaged over the last
-    5 sweeps, fell below ``tol`` (or the fit is exact)."""
+    """Whether the best error's progress per sweep, averaged over the last 5 sweeps,
+    fell below ``tol`` (see :func:`cp_als`), or the fit is exact."""
     degenerate: bool
     """Whether the degeneracy guard fired (diverging, cancelling rank-1 terms or a
     non-finite update); the ridge was then raised and the best iterate kept."""
@@ -620,8 +620,7 @@ def _als_update(mttkrp: torch.Tensor, grams, mode: int, ridge: float, tiny: floa
     Returns ``(column norms, unit-column factor, its Gram matrix)``.
     """
     system = _hadamard([g for other, g in enumerate(grams) if other != mode])
-    diagonal = system.diagonal()
-    diagonal.add_(ridge * max(float(diagonal.mean()), tiny))
+    system.diagonal().add_(ridge * max(float(system.trace()) / system.shape[0], tiny))
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
         update = torch.cholesky_solve(mttkrp.T, chol).T
@@ -790,12 +789,18 @@ def _cp_als_fit(
                 degenerate = True
                 current_ridge = min(max(current_ridge * 10, _CP_MIN_RIDGE_STEP), _CP_MAX_RIDGE)
 
-        # Average improvement per sweep of the best error over a window: the error of
-        # the ALS points rises when a momentum step overshoots.
+        # Progress per sweep of the best error, averaged over a window (the error of
+        # the ALS points rises when a momentum step overshoots): the newly explained
+        # share of the tensor's energy (||T|| = 1), which decides for poor fits, and
+        # the relative change of the error at 10 * tol, which decides for close ones.
         history.append(best[0])
         window = min(len(history) - 1, _CP_STOP_WINDOW)
-        earlier = history[-1 - window] if window else math.inf
-        stalled = window > 0 and earlier - best[0] <= window * tol * max(earlier, tiny)
+        earlier = history[-1 - window]
+        stalled = (
+            window > 0
+            and earlier**2 - best[0] ** 2 <= window * tol
+            and earlier - best[0] <= 10 * window * tol * max(earlier, tiny)
+        )
         # "Exact": within a few roundings, or within the ridge's own bias.
         if error <= 10 * max(tiny, current_ridge) or stalled:
             converged = True
@@ -867,11 +872,16 @@ def cp_als(
       extra error evaluation. On default-initialised 128x64x3x3 kernels (ranks
       30--120), a 256x256x3x3 kernel (rank 113) and two kernels of the trained
       digits CNN it reached the error of 100 plain sweeps in 32--39 sweeps.
-    * **Stopping**: when the best relative error so far improved by less than
-      ``tol`` (relative) per sweep on average over the last 5 sweeps, when the fit
-      is exact to working precision (relative error below ten times the larger of
-      the dtype's epsilon and the ridge, whose bias is of that order -- pass
-      ``ridge=0`` to fit exact tensors further), or after ``n_iter`` sweeps.
+    * **Stopping**: when, on average over the last 5 sweeps, a sweep explains less
+      than ``tol`` more of the tensor's energy (the squared relative error ``e**2``
+      falls by less than ``tol``) and lowers ``e`` by less than ``10 * tol``
+      relative, ``e`` being the best error so far; when the fit is exact to working
+      precision (relative error below ten times the larger of the dtype's epsilon
+      and the ridge, whose bias is of that order -- pass ``ridge=0`` to fit exact
+      tensors further); or after ``n_iter`` sweeps. The energy test decides for
+      poor fits, whose error moves little per sweep although each sweep still adds
+      a fair share of what the fit explains; the relative test lets close fits
+      converge fully.
     * **Degeneracy guard**: when rank-1 terms grow to more than ``diverging_norm``
       times the tensor's norm while two of them have congruence (product of cosines over all modes)
       below -0.85 -- the diverging, cancelling components of a degenerate CP fit --
@@ -889,8 +899,9 @@ def cp_als(
         rank: ``int`` rank or ``float`` parameter fraction, see
             :func:`factorized_layers.ranks.resolve_cp_rank`.
         n_iter: Maximum number of ALS sweeps (``>= 1``).
-        tol: Stop when ``b_{k-w} - b_k <= w * tol * b_{k-w}`` for the best relative
-            error ``b`` up to sweep ``k``, over the last ``w = min(k - 1, 5)`` sweeps.
+        tol: Stop when ``b_{k-w}**2 - b_k**2 <= w * tol`` and
+            ``b_{k-w} - b_k <= 10 * w * tol * b_{k-w}`` for the best relative error
+            ``b`` up to sweep ``k``, over the last ``w = min(k - 1, 5)`` sweeps.
         seed: Seed of the random columns used when ``rank`` exceeds a mode size
             (default 0: reproducible by default).
         ridge: Relative Tikhonov term of the normal equations, in ``[0, 0.1]``.

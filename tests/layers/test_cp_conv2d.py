@@ -523,10 +523,11 @@ def test_windowed_stop_runs_fewer_sweeps_with_a_looser_tolerance():
     assert tight.error <= loose.error
 
 
-@pytest.mark.parametrize("rank", [20, 60])
+@pytest.mark.parametrize("rank", [10, 20, 60])
 def test_from_dense_default_stop_matches_100_plain_sweeps_in_fewer(rank):
     # The default tolerance is calibrated against 100 plain ALS sweeps (TensorLy's
-    # default count): the momentum run stops earlier at no worse a fit (0.1% slack).
+    # default count): the momentum run stops earlier at no worse a fit (0.1% slack),
+    # also for a poor fit (rank 10: error 0.94), where the energy test decides.
     torch.manual_seed(0)
     dense = nn.Conv2d(32, 48, 3)
     plain = cp_als(dense.weight.detach(), rank, n_iter=100, tol=0.0, extrapolate=False)
