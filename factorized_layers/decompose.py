@@ -725,8 +725,9 @@ def _cp_als_fit(
     data = data / data.norm()
     factors = _cp_svd_init(data, r, generator)
     # Small R x R algebra (Gram matrices, solves) and the factors' master copies
-    # (``units``, unit columns) are float64; ``factors`` are their copies in the
-    # compute dtype for the tensor-sized contractions.
+    # (``units``: unit columns at every ALS point, moved by the momentum step in
+    # between) are float64; ``factors`` are their copies in the compute dtype for
+    # the tensor-sized contractions.
     units = [f.double() for f in factors]
     grams = [u.T @ u for u in units]
     weights = torch.ones(r, device=data.device, dtype=torch.float64)
