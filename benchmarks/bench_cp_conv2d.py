@@ -169,21 +169,25 @@ def measure(
         dense = nn.Conv2d(cin, cout, k, padding=1).to(device).eval()
         for fraction in fractions:
             rank = resolve_cp_rank(fraction, (cout, cin, k, k))
-            ours_runs, theirs_runs = [], []
+            ours_runs, theirs_runs, theirs = [], [], None
             for _ in range(_FIT_REPEATS):
                 start = time.perf_counter()
                 ours = CPConv2d.from_dense(dense, rank, seed=0).eval()
                 ours_runs.append(time.perf_counter() - start)
-                theirs, theirs_fit_s, theirs_err = None, math.nan, math.nan
-                if tltorch is not None:
-                    fitted = _tltorch_conv(tltorch, dense, rank, fit)
-                    theirs, theirs_fit_s, theirs_err, note = fitted
-                    if note and note not in notes:
-                        notes.append(note)
-                    theirs_runs.append((theirs_fit_s, theirs_err))
-                if not (fit and theirs_fit_s < _FIT_REPEAT_BELOW_S):
+                if tltorch is None:
+                    break
+                layer, seconds, error, note = _tltorch_conv(tltorch, dense, rank, fit)
+                if note and note not in notes:
+                    notes.append(note)
+                if layer is None:
+                    break  # a failure is reported, not retried
+                if theirs is None:
+                    theirs = layer
+                theirs_runs.append((seconds, error))
+                if not (fit and seconds < _FIT_REPEAT_BELOW_S):
                     break
             ours_fit_s = statistics.median(ours_runs)
+            theirs_fit_s = theirs_err = math.nan
             if theirs_runs:
                 theirs_fit_s = statistics.median(t for t, _ in theirs_runs)
                 theirs_err = statistics.median(e for _, e in theirs_runs)

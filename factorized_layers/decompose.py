@@ -453,8 +453,8 @@ class CPDecomposition(NamedTuple):
     n_iter: int
     """Number of ALS sweeps run."""
     converged: bool
-    """Whether the best error's progress per sweep, averaged over the last 5 sweeps,
-    fell below ``tol`` (see :func:`cp_als`), or the fit is exact."""
+    """Whether the error's change per sweep, averaged over the last 5 sweeps, fell
+    below ``tol`` (see :func:`cp_als`), or the fit is exact."""
     degenerate: bool
     """Whether the degeneracy guard fired (diverging, cancelling rank-1 terms or a
     non-finite update); the ridge was then raised and the best iterate kept."""
@@ -545,9 +545,9 @@ class _GroupContraction:
 
     The tensor is unfolded once into (modes of ``group``) x (the other modes); each
     call is then one GEMM of that unfolding with the Khatri--Rao product of the other
-    modes' factors (``prod(other sizes) x rank``), without a transposing copy or a
-    temporary larger than its result. :meth:`partial` returns a tensor indexed by
-    the modes of ``group`` (in order) and the rank last.
+    modes' factors (``prod(other sizes) x rank``), without a transposing copy.
+    :meth:`partial` returns a tensor indexed by the modes of ``group`` (in order) and
+    the rank last.
     """
 
     def __init__(self, tensor: torch.Tensor, group) -> None:
@@ -624,8 +624,11 @@ def _als_update(mttkrp: torch.Tensor, grams, mode: int, ridge: float, tiny: floa
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
         update = torch.cholesky_solve(mttkrp.T, chol).T
-    else:
+    elif bool(torch.isfinite(system).all()):
         update = (torch.linalg.pinv(system, hermitian=True) @ mttkrp.T).T
+    else:
+        # A non-finite factor upstream: a NaN update lets the caller's error test see it.
+        update = torch.full_like(mttkrp, math.nan)
     return _unit_columns(update)
 
 
@@ -637,21 +640,10 @@ def _unit_columns(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, tor
     """
     gram = matrix.T @ matrix
     norms = gram.diagonal().sqrt()
-    # Columns below 1e-150 (squares underflow) are left as they are: zero for all
-    # practical purposes, and never scaled up.
+    # Columns of norm below 1e-150 (their squares near float64's underflow) are left
+    # as they are: zero for all practical purposes, and never scaled up.
     safe = norms.clamp_min(1e-150)
     return norms, matrix / safe, gram / torch.outer(safe, safe)
-
-
-def _normalized_columns(factors) -> Tuple[torch.Tensor, list, list]:
-    """``(weights, unit-column factors, their Grams)`` of a float64 Kruskal tensor."""
-    weights, units, grams = None, [], []
-    for factor in factors:
-        norms, unit, gram = _unit_columns(factor)
-        weights = norms if weights is None else weights * norms
-        units.append(unit)
-        grams.append(gram)
-    return weights, units, grams
 
 
 def _cp_als_fit(
@@ -781,26 +773,31 @@ def _cp_als_fit(
         # Degeneracy (Phan et al. 2020): rank-1 terms whose norms grow far beyond the
         # tensor's while pairs of them point in opposite directions and cancel.
         big_weight = float(weights.max()) > diverging_norm
+        guard_fired = False
         if big_weight and r > 1:
             congruence = _hadamard(grams)
             congruence.fill_diagonal_(0.0)
             heavy = weights > 1.0
             cancelling = congruence[heavy][:, heavy]
             if cancelling.numel() and float(cancelling.min()) < _CP_CANCEL_COSINE:
-                degenerate = True
+                degenerate = guard_fired = True
                 current_ridge = min(max(current_ridge * 10, _CP_MIN_RIDGE_STEP), _CP_MAX_RIDGE)
+                # The momentum direction predates the stronger ridge.
+                previous_units, momentum_steps = None, 0
 
-        # Progress per sweep of the best error, averaged over a window (the error of
-        # the ALS points rises when a momentum step overshoots): the newly explained
-        # share of the tensor's energy (||T|| = 1), which decides for poor fits, and
-        # the relative change of the error at 10 * tol, which decides for close ones.
-        history.append(best[0])
+        # Change per sweep, averaged over a window, of the explained share of the
+        # tensor's energy (||T|| = 1), which decides for poor fits, and of the error
+        # relative to itself at 10 * tol, which decides for close ones. Changes count
+        # either way: the error rises while a momentum overshoot or a raised ridge is
+        # being recovered from, which is no sign of convergence.
+        history.append(error)
         window = min(len(history) - 1, _CP_STOP_WINDOW)
         earlier = history[-1 - window]
         stalled = (
             window > 0
-            and earlier**2 - best[0] ** 2 <= window * tol
-            and earlier - best[0] <= 10 * window * tol * max(earlier, tiny)
+            and not guard_fired
+            and abs(earlier**2 - error**2) <= window * tol
+            and abs(earlier - error) <= 10 * window * tol * max(earlier, tiny)
         )
         # "Exact": within a few roundings, or within the ridge's own bias.
         if error <= 10 * max(tiny, current_ridge) or stalled:
@@ -810,13 +807,13 @@ def _cp_als_fit(
         if extrapolate and sweep < n_iter:
             # Nesterov-type momentum with restart (Mitchell, Ye & De Sterck 2020): the
             # next sweep starts beyond this ALS point, away from the previous one, by
-            # (k - 1) / (k + 2) of the step after k improving sweeps; a sweep whose
-            # error rose restarts the count (no momentum).
+            # (k - 1) / (k + 2) of the step after k sweeps in a row whose error did not
+            # rise; a sweep whose error rose restarts the count (no momentum).
             point = list(units)
             if previous_units is not None and error <= previous_error:
                 momentum_steps += 1
                 beta = (momentum_steps - 1) / (momentum_steps + 2)
-                for n in moved:
+                for n in moved if beta > 0 else ():
                     units[n] = torch.lerp(previous_units[n], point[n], 1.0 + beta)
                     factors[n] = units[n].to(dtype)
                     grams[n] = units[n].T @ units[n]
@@ -867,16 +864,18 @@ def cp_als(
       factors serves every mode of the group, whose MTTKRPs follow by rank-wise
       broadcast products. The columns are then normalised into ``weights``.
     * **Momentum** (``extrapolate=True``; Nesterov-type acceleration of ALS with
-      restart, Mitchell, Ye & De Sterck 2020): after ``k`` sweeps that each lowered
-      the error, the next sweep starts ``(k - 1) / (k + 2)`` of the last step beyond
-      the ALS point; a sweep that raised the error restarts the count. It needs no
+      restart, Mitchell, Ye & De Sterck 2020): after ``k`` sweeps in a row whose
+      error did not rise, the next sweep starts ``(k - 1) / (k + 2)`` of the last
+      step beyond the ALS point (the factors but the first-updated one move); a
+      sweep whose error rose, or a raised ridge, restarts the count. It needs no
       extra error evaluation. On default-initialised 128x64x3x3 kernels (ranks
       30--120), a 256x256x3x3 kernel (rank 113) and two kernels of the trained
       digits CNN it reached the error of 100 plain sweeps in 32--39 sweeps.
-    * **Stopping**: when, on average over the last 5 sweeps, a sweep explains less
-      than ``tol`` more of the tensor's energy (the squared relative error ``e**2``
-      falls by less than ``tol``) and lowers ``e`` by less than ``10 * tol``
-      relative, ``e`` being the best error so far; when the fit is exact to working
+    * **Stopping**: when, on average over the last 5 sweeps, a sweep changes the
+      explained share of the tensor's energy by less than ``tol`` (the squared
+      relative error ``e**2`` moves by less than ``tol``) and ``e`` by less than
+      ``10 * tol`` of itself -- changes count either way, since ``e`` rises while
+      a momentum overshoot or a raised ridge is recovered from; when the fit is exact to working
       precision (relative error below ten times the larger of the dtype's epsilon
       and the ridge, whose bias is of that order -- pass ``ridge=0`` to fit exact
       tensors further); or after ``n_iter`` sweeps. The energy test decides for
@@ -890,19 +889,22 @@ def cp_als(
       1e-4, at most 0.1), ``degenerate`` is reported, and the best iterate seen is
       returned.
 
-    Memory stays within a small multiple of the tensor: one unfolded copy of it per
-    group of modes, and Khatri--Rao products and partial contractions of ``rank``
-    times the product of one group's sizes (for a ``(C_out, C_in, k, k)`` kernel,
-    ``rank * C * k`` entries).
+    Memory stays within a small multiple of the tensor for ranks up to its mode
+    sizes: one unfolded copy of it per group of modes; Khatri--Rao products and
+    partial contractions of ``rank`` times the product of one group's sizes (for a
+    ``(C_out, C_in, k, k)`` kernel, ``rank * C * k`` entries); and, for the exact
+    error at the end and below a 3% error, one reconstruction whose Khatri--Rao
+    product holds ``numel * rank / max(shape)`` entries.
 
     Args:
         tensor: Floating tensor with at least 2 modes, on any device (meta included).
         rank: ``int`` rank or ``float`` parameter fraction, see
             :func:`factorized_layers.ranks.resolve_cp_rank`.
         n_iter: Maximum number of ALS sweeps (``>= 1``).
-        tol: Stop when ``b_{k-w}**2 - b_k**2 <= w * tol`` and
-            ``b_{k-w} - b_k <= 10 * w * tol * b_{k-w}`` for the best relative error
-            ``b`` up to sweep ``k``, over the last ``w = min(k - 1, 5)`` sweeps.
+        tol: Stop when ``|e_{k-w}**2 - e_k**2| <= w * tol`` and
+            ``|e_{k-w} - e_k| <= 10 * w * tol * e_{k-w}`` for the relative error ``e``
+            after sweep ``k``, over the last ``w = min(k - 1, 5)`` sweeps (``0``:
+            run ``n_iter`` sweeps unless the fit is exact).
         seed: Seed of the random columns used when ``rank`` exceeds a mode size
             (default 0: reproducible by default).
         ridge: Relative Tikhonov term of the normal equations, in ``[0, 0.1]``.

@@ -377,8 +377,9 @@ class CPConv2d(ConfigMixin, nn.Module):
         :func:`factorized_layers.decompose.cp_als` runs under ``no_grad`` on the
         kernel's device in float32 (float64 for float64 kernels or with
         ``compute_dtype=torch.float64``): HOSVD initialisation, column
-        normalisation each sweep, a small ridge, stopping on the relative change of
-        the fit, and a degeneracy guard. The weights are spread evenly over the four
+        normalisation each sweep, a small ridge, momentum, stopping when the fit
+        (the explained share of the kernel's energy) stops changing, and a
+        degeneracy guard. The weights are spread evenly over the four
         factors before the cast back to the kernel's dtype. Every ``nn.Conv2d``
         option (stride, padding incl. ``'same'``/``'valid'``, dilation,
         ``padding_mode``) is kept, the bias is copied (a bias-free source gives a
@@ -403,14 +404,16 @@ class CPConv2d(ConfigMixin, nn.Module):
             rank: Rank spec (see :func:`factorized_layers.ranks.resolve_cp_rank`) or a
                 rank policy, evaluated on :meth:`rank_profile`.
             n_iter: Maximum ALS sweeps.
-            tol: Stop when, averaged over 5 sweeps, a sweep explains less than this
-                fraction more of the kernel's energy (squared norm) and lowers the
-                relative error by less than ``10 * tol`` of itself (see
+            tol: Stop when, averaged over 5 sweeps, a sweep changes the explained
+                fraction of the kernel's energy (squared norm) by less than this and
+                the relative error by less than ``10 * tol`` of itself (see
                 :func:`~factorized_layers.decompose.cp_als`). With the default 1.5e-4,
                 default-initialised kernels (128x64x3x3 at ranks 30--120, 64x32x3x3,
                 256x256x3x3) and trained digits-CNN kernels stopped after 29--61
                 sweeps at 0.991--1.0005x the error of 100 plain ALS sweeps
-                (TensorLy's default count).
+                (TensorLy's default count); on 36 smaller ones (8--32 channels, six
+                seeds, ranks ``C_out / 2`` and ``C_out``) at 0.991--1.004x, median
+                0.9996x.
             seed: Seed of the random initial columns needed when ``rank`` exceeds a
                 mode's size (the global random state is not touched).
             calibration: ``InputStats`` of the input channels or their
