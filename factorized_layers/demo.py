@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import tempfile
@@ -99,16 +100,25 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def _speedup(reference: nn.Module, candidate: nn.Module, x, repeats: int) -> float:
-    """Median time of ``reference`` over median time of ``candidate``, calls interleaved."""
-    times = {id(reference): [], id(candidate): []}
-    for model in (reference, candidate):  # warm-up
+    """Median time of ``reference`` over median time of ``candidate``.
+
+    ``repeats`` interleaved rounds; each round times one block of calls per model,
+    long enough (about 20 ms) that a single scheduler hiccup does not decide it.
+    """
+    models = (reference, candidate)
+    calls = []
+    for model in models:  # warm-up, then calls per block
+        start = time.perf_counter()
         model(x)
+        calls.append(max(1, math.ceil(0.02 / max(time.perf_counter() - start, 1e-6))))
+    times = ([], [])
     for _ in range(repeats):
-        for model in (reference, candidate):
+        for model, n, samples in zip(models, calls, times):
             start = time.perf_counter()
-            model(x)
-            times[id(model)].append(time.perf_counter() - start)
-    ref, cand = (sorted(times[id(m)])[repeats // 2] for m in (reference, candidate))
+            for _ in range(n):
+                model(x)
+            samples.append((time.perf_counter() - start) / n)
+    ref, cand = (sorted(samples)[repeats // 2] for samples in times)
     return ref / cand
 
 
