@@ -614,6 +614,11 @@ def _hadamard(matrices) -> torch.Tensor:
     return product
 
 
+def _raised_ridge(ridge: float) -> float:
+    """The ridge after a degeneracy: tenfold, at least ``_CP_MIN_RIDGE_STEP``, at most the cap."""
+    return min(max(ridge * 10, _CP_MIN_RIDGE_STEP), _CP_MAX_RIDGE)
+
+
 def _als_update(mttkrp: torch.Tensor, grams, mode: int, ridge: float, tiny: float):
     """Ridge-regularised normal equations of one factor, in float64.
 
@@ -759,7 +764,7 @@ def _cp_als_fit(
         if not math.isfinite(error):
             # A non-finite update: go back to the best iterate with a stronger ridge.
             degenerate = True
-            current_ridge = min(max(current_ridge * 10, _CP_MIN_RIDGE_STEP), _CP_MAX_RIDGE)
+            current_ridge = _raised_ridge(current_ridge)
             _, weights, units = best[0], best[1], list(best[2])
             factors = [u.to(dtype) for u in units]
             grams = [u.T @ u for u in units]
@@ -781,7 +786,7 @@ def _cp_als_fit(
             cancelling = congruence[heavy][:, heavy]
             if cancelling.numel() and float(cancelling.min()) < _CP_CANCEL_COSINE:
                 degenerate = guard_fired = True
-                current_ridge = min(max(current_ridge * 10, _CP_MIN_RIDGE_STEP), _CP_MAX_RIDGE)
+                current_ridge = _raised_ridge(current_ridge)
                 # The momentum direction predates the stronger ridge.
                 previous_units, momentum_steps = None, 0
 
@@ -875,13 +880,13 @@ def cp_als(
       explained share of the tensor's energy by less than ``tol`` (the squared
       relative error ``e**2`` moves by less than ``tol``) and ``e`` by less than
       ``10 * tol`` of itself -- changes count either way, since ``e`` rises while
-      a momentum overshoot or a raised ridge is recovered from; when the fit is exact to working
-      precision (relative error below ten times the larger of the dtype's epsilon
-      and the ridge, whose bias is of that order -- pass ``ridge=0`` to fit exact
-      tensors further); or after ``n_iter`` sweeps. The energy test decides for
-      poor fits, whose error moves little per sweep although each sweep still adds
-      a fair share of what the fit explains; the relative test lets close fits
-      converge fully.
+      a momentum overshoot or a raised ridge is recovered from; when the fit is
+      exact to working precision (relative error below ten times the larger of the
+      dtype's epsilon and the ridge, whose bias is of that order -- pass
+      ``ridge=0`` to fit exact tensors further); or after ``n_iter`` sweeps. The
+      energy test decides for poor fits, whose error moves little per sweep
+      although each sweep still adds a fair share of what the fit explains; the
+      relative test lets close fits converge fully.
     * **Degeneracy guard**: when rank-1 terms grow to more than ``diverging_norm``
       times the tensor's norm while two of them have congruence (product of cosines over all modes)
       below -0.85 -- the diverging, cancelling components of a degenerate CP fit --
@@ -1906,11 +1911,7 @@ def reduce_cp(
     norms = torch.stack([f.norm(dim=0) for f in source])
     strength = norms.prod(dim=0)
     source = [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(source, norms)]
-    source_grams = [f.T @ f for f in source]
-    total = torch.ones_like(source_grams[0])
-    for g in source_grams:
-        total = total * g
-    norm_squared = float(strength @ total @ strength)
+    norm_squared = float(strength @ _hadamard([f.T @ f for f in source]) @ strength)
     if norm_squared <= 0.0:
         zero = tuple(torch.zeros(f.shape[0], rank, device=device, dtype=dtype) for f in factors)
         return CPDecomposition(
@@ -1923,11 +1924,8 @@ def reduce_cp(
     tiny = torch.finfo(torch.float64).eps
 
     def relative_error(weights: torch.Tensor, approx) -> float:
-        cross = torch.ones(current, rank, device=device, dtype=torch.float64)
-        own = torch.ones(rank, rank, device=device, dtype=torch.float64)
-        for f, a in zip(source, approx):
-            cross = cross * (f.T @ a)
-            own = own * (a.T @ a)
+        cross = _hadamard([f.T @ a for f, a in zip(source, approx)])
+        own = _hadamard([a.T @ a for a in approx])
         squared = (
             norm_squared - 2.0 * float(strength @ cross @ weights) + float(weights @ own @ weights)
         )
@@ -1938,10 +1936,9 @@ def reduce_cp(
     for sweep in range(1, n_iter + 1):
         sweeps = sweep
         for mode in range(len(source)):
-            cross = torch.ones(current, rank, device=device, dtype=torch.float64)
-            for other, (f, a) in enumerate(zip(source, approx)):
-                if other != mode:
-                    cross = cross * (f.T @ a)
+            cross = _hadamard(
+                [f.T @ a for other, (f, a) in enumerate(zip(source, approx)) if other != mode]
+            )
             mttkrp = source[mode] @ (strength[:, None] * cross)
             weights, approx[mode], grams[mode] = _als_update(mttkrp, grams, mode, ridge, tiny)
         error = relative_error(weights, approx)
