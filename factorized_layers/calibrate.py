@@ -21,24 +21,31 @@ from typing import Any, Callable, Dict, Iterable
 import torch
 import torch.nn as nn
 
-__all__ = ["InputStats", "calibrate"]
+__all__ = ["InputStats", "calibrate", "run_batch", "probe_loss", "first_tensor"]
 
 _CHUNK_ENTRIES = 2**22
 
 
 @dataclasses.dataclass
 class InputStats:
-    """Second-moment statistics of one layer's inputs.
+    """Second-moment statistics of one layer's inputs (and, optionally, its sensitivity).
 
     Attributes:
         gram: ``(in_features, in_features)`` float64 ``sum_t x_t x_t^T`` over all rows;
             for a convolution ``(in_channels, in_channels)``, the rows being the
             channel vectors at every batch element and spatial position.
         rows: Number of input rows (tokens, or positions for a convolution) accumulated.
+        grad_sq: ``sum ||dL/dy||^2`` of the probe loss over the layer's outputs ``y``
+            (``calibrate(..., sensitivity=True)``; 0 otherwise).
+        output_numel: Number of output elements ``grad_sq`` was summed over.
+        output_energy: ``sum ||y - bias||^2``: the energy of the layer's weight term.
     """
 
     gram: torch.Tensor
     rows: int = 0
+    grad_sq: float = 0.0
+    output_numel: int = 0
+    output_energy: float = 0.0
 
     def add(self, inputs: torch.Tensor) -> None:
         """Accumulate a batch of inputs of shape ``(*, in_features)``.
@@ -53,18 +60,106 @@ class InputStats:
             self.gram.addmm_(wide.mT, wide)
         self.rows += flat.shape[0]
 
+    @property
+    def sensitivity(self) -> float | None:
+        """Estimated loss increase per unit of *relative* squared output error.
 
-def _runner(batch: Any, index: int) -> Callable[[nn.Module], Any]:
+        Second order around the dense model: a change ``dy`` of this layer's outputs
+        raises the probe loss by about ``1/2 sum_t dy_t^T H_t dy_t``; with the
+        Gauss--Newton ``H ~ E[g g^T]`` replaced by its mean diagonal
+        ``h = grad_sq / output_numel``, a relative output error ``e`` costs
+        ``1/2 h e^2 output_energy``. Returns ``h * output_energy`` (``None`` when no
+        sensitivity was measured).
+        """
+        if self.output_numel == 0:
+            return None
+        return self.grad_sq / self.output_numel * self.output_energy
+
+
+def run_batch(model: nn.Module, batch: Any, index: int) -> Any:
+    """``model(batch)``, ``model(*batch)`` or ``model(**batch)`` by the batch's type.
+
+    Raises:
+        TypeError: A batch of another type (``index`` names it).
+    """
+    check_batch(batch, index)
     if isinstance(batch, torch.Tensor):
-        return lambda model: model(batch)
+        return model(batch)
     if isinstance(batch, dict):
-        return lambda model: model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return lambda model: model(*batch)
-    raise TypeError(
+        return model(**batch)
+    return model(*batch)
+
+
+def check_batch(batch: Any, index: int) -> None:
+    """Raise ``TypeError`` unless ``batch`` is a Tensor, a tuple/list or a dict."""
+    if not isinstance(batch, (torch.Tensor, dict, tuple, list)):
+        raise TypeError(
         f"calibration batch {index} is a {type(batch).__name__}; expected a Tensor, "
         "a tuple/list of positional arguments or a dict of keyword arguments"
     )
+
+
+def probe_loss(output: Any, generator: torch.Generator) -> torch.Tensor:
+    """A random loss whose squared gradients estimate the model's output curvature.
+
+    For outputs with ``logits`` (a ``.logits`` attribute or key): the negative
+    log-likelihood of labels *sampled from the model's own prediction*, whose expected
+    gradient outer product is the Fisher information, the Hessian of the KL divergence
+    to the dense model. Otherwise, ``<r, y>`` with Gaussian ``r`` for the first output
+    tensor ``y`` (Hutchinson), whose expected gradient outer product is ``J^T J``, the
+    Hessian of half the squared output error.
+    """
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        log_probs = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+        labels = torch.multinomial(log_probs.detach().exp(), 1, generator=generator)
+        return -log_probs.gather(1, labels).sum()
+    tensor = first_tensor(output)
+    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+    return (tensor.float() * noise.to(tensor.device)).sum()
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a model's output: itself, the first element, or a named field."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        for name in ("last_hidden_state", "logits"):
+            if isinstance(output.get(name), torch.Tensor):
+                return output[name]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    for name in ("last_hidden_state", "logits"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"cannot find the output tensor of a {type(output).__name__}")
+
+
+def distributed() -> bool:
+    """Whether a default process group of more than one rank is initialised."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_stats(stats: Dict[str, InputStats]) -> None:
+    """Sum every rank's statistics in place (same names on every rank), sorted by name."""
+    if not distributed():
+        return
+    import torch.distributed as dist
+
+    for name in sorted(stats):
+        entry = stats[name]
+        counts = torch.tensor(
+            [entry.rows, entry.grad_sq, entry.output_numel, entry.output_energy],
+            dtype=torch.float64,
+            device=entry.gram.device,
+        )
+        dist.all_reduce(entry.gram)
+        dist.all_reduce(counts)
+        entry.rows, entry.output_numel = int(counts[0]), int(counts[2])
+        entry.grad_sq, entry.output_energy = float(counts[1]), float(counts[3])
 
 
 def calibrate(
@@ -73,11 +168,16 @@ def calibrate(
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     max_batches: int | None = None,
+    sensitivity: bool = False,
+    seed: int = 0,
 ) -> Dict[str, InputStats]:
     """Input Gram matrices of the model's ``nn.Linear`` and ``nn.Conv2d`` layers on data.
 
-    The model runs under ``torch.no_grad()`` in its current mode; forward pre-hooks
-    collect the statistics and are always removed, also when the model raises.
+    The model runs in its current mode; forward hooks collect the statistics and are
+    always removed, also when the model raises. Without ``sensitivity`` it runs
+    under ``torch.no_grad()``. Under ``torch.distributed`` (an initialised default
+    group of several ranks) every statistic is summed over the ranks, so every rank
+    gets the statistics of all ranks' data.
 
     Args:
         model: Any ``nn.Module``.
@@ -86,6 +186,11 @@ def calibrate(
         filter_fn: ``filter_fn(module, fqn) -> bool`` selects the layers to watch
             (default: every ``nn.Linear`` and ``nn.Conv2d``).
         max_batches: Stop after this many batches.
+        sensitivity: Also measure how much the model's output depends on each layer's
+            output (:attr:`InputStats.sensitivity`): one backward pass per batch of
+            :func:`probe_loss` (Fisher of the logits, or a random projection of the
+            output). No parameter gradient is accumulated.
+        seed: Seed of the probe's random labels / projections.
 
     Returns:
         ``{fully qualified name: InputStats}``: the input Gram of each linear layer, the
@@ -108,23 +213,34 @@ def calibrate(
     if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive integer, got {max_batches!r}")
     stats: Dict[str, InputStats] = {}
+    outputs: Dict[str, list] = {}
     handles = []
+    watched: Dict[str, nn.Module] = {}
 
     def watch(name: str, layer: nn.Module) -> None:
         convolution = isinstance(layer, nn.Conv2d)
         features = layer.in_channels if convolution else layer.in_features
+        stats[name] = InputStats(
+            torch.zeros(features, features, dtype=torch.float64, device=layer.weight.device)
+        )
+        watched[name] = layer
 
         def hook(module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            if name not in stats:
-                stats[name] = InputStats(
-                    torch.zeros(features, features, dtype=torch.float64, device=args[0].device)
-                )
+            entry = stats[name]
+            if entry.gram.device != args[0].device:
+                entry.gram = entry.gram.to(args[0].device)
             # Channels last, for (N, C, H, W) and unbatched (C, H, W) inputs alike.
-            stats[name].add(args[0].movedim(-3, -1) if convolution else args[0])
+            entry.add(args[0].movedim(-3, -1) if convolution else args[0])
+
+        def output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                outputs.setdefault(name, []).append(output)
 
         handles.append(layer.register_forward_pre_hook(hook))
+        if sensitivity:
+            handles.append(layer.register_forward_hook(output_hook))
 
     seen = set()
     for name, module in model.named_modules():
@@ -132,22 +248,60 @@ def calibrate(
             seen.add(id(module))
             if filter_fn is None or filter_fn(module, name):
                 watch(name, module)
+    generator = torch.Generator().manual_seed(seed)
+    # Outputs must depend on something that requires grad; parameters' gradients are
+    # never computed (autograd.grad on the outputs only).
+    flags = {p: p.requires_grad for layer in watched.values() for p in layer.parameters()}
     batches = 0
     try:
-        with torch.no_grad():
-            for batches, batch in enumerate(data, 1):
-                run = _runner(batch, batches - 1)
+        if sensitivity:
+            for layer in watched.values():
+                layer.weight.requires_grad_(True)
+        for batches, batch in enumerate(data, 1):
+            outputs.clear()
+            check_batch(batch, batches - 1)
+            with torch.set_grad_enabled(sensitivity):
                 try:
-                    run(model)
+                    output = run_batch(model, batch, batches - 1)
                 except Exception as exc:
                     raise ValueError(
                         f"calibration batch {batches - 1} failed in the model: {exc}"
                     ) from exc
-                if max_batches is not None and batches >= max_batches:
-                    break
+                if sensitivity:
+                    _accumulate_sensitivity(stats, watched, outputs, output, generator)
+            if max_batches is not None and batches >= max_batches:
+                break
     finally:
         for handle in handles:
             handle.remove()
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
     if batches == 0:
         raise ValueError("calibration data is empty: give at least one batch")
-    return stats
+    all_reduce_stats(stats)
+    return {name: entry for name, entry in stats.items() if entry.rows or distributed()}
+
+
+def _accumulate_sensitivity(
+    stats: Dict[str, InputStats],
+    watched: Dict[str, nn.Module],
+    outputs: Dict[str, list],
+    output: Any,
+    generator: torch.Generator,
+) -> None:
+    names = [name for name in outputs for _ in outputs[name]]
+    tensors = [tensor for name in outputs for tensor in outputs[name]]
+    if not tensors:
+        return
+    gradients = torch.autograd.grad(probe_loss(output, generator), tensors, allow_unused=True)
+    for name, tensor, gradient in zip(names, tensors, gradients):
+        entry = stats[name]
+        if gradient is not None:
+            entry.grad_sq += float(gradient.detach().double().square().sum())
+        entry.output_numel += tensor.numel()
+        weight_term = tensor.detach()
+        bias = watched[name].bias
+        if bias is not None:
+            shape = (-1, 1, 1) if isinstance(watched[name], nn.Conv2d) else (-1,)
+            weight_term = weight_term - bias.detach().view(shape)
+        entry.output_energy += float(weight_term.double().square().sum())

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .calibrate import InputStats, calibrate
 from .decompose import relative_output_error
+from .sequential import Sequential, Target, sequential_convert
 from .layers import CPConv2d, SVDLinear, TuckerLinear
 from .ranks import POLICY_TYPES, Budget, RankProfile, allocate_budget, check_positive, select_rank
 
@@ -109,7 +110,12 @@ class LayerReport:
     weight_error: float | None
     skipped: str | None = None
     output_error: float | None = None
-    """Relative output error on the calibration data (``None`` without calibration)."""
+    """Relative output error on the calibration data (``None`` without calibration).
+
+    With sequential calibration: on the held-out calibration batches, against the
+    dense model's outputs of this layer, with the inputs of the compressed model."""
+    output_error_before: float | None = None
+    """Sequential calibration: the held-out output error without error compensation."""
     note: str | None = None
 
 
@@ -121,6 +127,9 @@ class FactorizationReport:
     """
 
     layers: List[LayerReport]
+    model_output_error: float | None = None
+    """Sequential calibration: relative error of the last block's output (or of the
+    model's output without blocks) on the held-out calibration batches."""
 
     @property
     def replaced(self) -> List[LayerReport]:
@@ -156,8 +165,11 @@ class FactorizationReport:
 
     def __str__(self) -> str:
         calibrated = any(row.output_error is not None for row in self.layers)
+        compensated = any(row.output_error_before is not None for row in self.layers)
         header = ("layer", "type", "shape", "rank", "params", "FLOPs/pos", "weight err")
-        header += ("output err", "note") if calibrated else ("note",)
+        header += ("output err",) if calibrated else ()
+        header += ("uncompensated",) if compensated else ()
+        header += ("note",)
         rows = [header]
         for row in self.layers:
             change = (
@@ -176,6 +188,8 @@ class FactorizationReport:
             )
             if calibrated:
                 cells += (_fmt(row.output_error),)
+            if compensated:
+                cells += (_fmt(row.output_error_before),)
             rows.append(cells + (row.skipped or row.note or "",))
         ratio = self.params_before / max(self.params_after, 1)
         totals = (
@@ -191,6 +205,10 @@ class FactorizationReport:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(len(lines) - 1, lines[1])
+        if self.model_output_error is not None:
+            lines.append(
+                f"model output error on held-out calibration batches: {self.model_output_error:.4f}"
+            )
         return "\n".join(lines)
 
 
@@ -364,6 +382,7 @@ def factorize_(
     allow_larger: bool = False,
     progress: bool | None = None,
     calibration: Iterable[Any] | Mapping[str, InputStats] | None = None,
+    sequential: bool | Sequential = False,
     layer_options: Mapping[type, Mapping[str, Any]] | None = None,
     **options: Any,
 ) -> FactorizationReport:
@@ -399,7 +418,16 @@ def factorize_(
             square of output and weight error (robust to calibration data unlike the
             data the model will see); the report gives each linear layer's relative
             output error on the data (a convolution's input-channel Gram does not
-            determine its output error).
+            determine its output error). With a ``Budget`` whose ``sensitivity`` is
+            on, calibration batches also measure each layer's effect on the model's
+            output (one backward pass per batch) and the budget goes where it hurts
+            the model least.
+        sequential: Convert the layers in execution order, each fitted to the dense
+            model's outputs from the inputs of the already compressed model, with
+            error compensation validated on held-out calibration batches
+            (:mod:`factorized_layers.sequential`); ``True`` or a
+            :class:`~factorized_layers.sequential.Sequential` with options. Needs
+            calibration batches (not precomputed statistics).
         layer_options: ``{layer class: {option: value}}`` for one class's
             ``from_dense`` only, e.g. ``{CPConv2d: {"n_iter": 300}}`` (options mean
             different things per class: ``n_iter`` is power iterations for SVD, HOOI
@@ -456,7 +484,16 @@ def factorize_(
         if (reason := _unsupported_reason(layer_cls, module, read_by_parent)) is not None
     }
     targets_to_rank = [t for t in targets if t[0] not in skips]
-    stats = _calibration_stats(model, targets, calibration)
+    config = _check_sequential(sequential, calibration)
+    if calibration is not None and not isinstance(calibration, Mapping):
+        calibration = list(calibration)
+    needs_profiles = isinstance(rank, POLICY_TYPES) or multiple_of > 1
+    with_sensitivity = isinstance(rank, Budget) and rank.sensitivity
+    stats = (
+        {}
+        if config is not None and not needs_profiles
+        else _calibration_stats(model, targets, calibration, with_sensitivity)
+    )
     per_class = dict(layer_options or {})
     unknown = [cls for cls in per_class if cls not in _SOURCES]
     if unknown:
@@ -479,6 +516,7 @@ def factorize_(
                 multiple_of,
                 [o for (fqn, _, _), o in zip(targets, per_layer_options) if fqn not in skips],
                 allow_larger,
+                [stats.get(fqn) for fqn, _, _ in targets_to_rank],
             ),
         )
     )
@@ -497,6 +535,8 @@ def factorize_(
         )
         for (fqn, module, layer_cls), spec, layer_options in zip(targets, specs, per_layer_options)
     ]
+    if config is not None:
+        return _convert_sequentially(model, calibration, plans, config, allow_larger)
     rows, swaps = [], []
     for fqn, module, layer_cls, spec, layer_options, row in _progress(plans, show):
         if row.skipped is None:
@@ -523,6 +563,106 @@ def factorize_(
     for module, layer in swaps:
         _swap(module, layer, parents.get(id(module), []))
     return FactorizationReport(rows)
+
+
+def _check_sequential(
+    sequential: bool | Sequential, calibration: Any
+) -> Sequential | None:
+    if sequential is False or sequential is None:
+        return None
+    config = Sequential() if sequential is True else sequential
+    if not isinstance(config, Sequential):
+        raise TypeError(
+            f"sequential must be a bool or a Sequential(...), got {type(sequential).__name__}"
+        )
+    if calibration is None or isinstance(calibration, Mapping):
+        raise ValueError(
+            "sequential=True needs calibration batches (an iterable the model runs on), "
+            "not " + ("None" if calibration is None else "precomputed statistics")
+        )
+    return config
+
+
+def _ridge_option(layer_cls: type) -> str | None:
+    accepted = inspect.signature(layer_cls.from_dense).parameters
+    for name in ("ridge", "whitening_ridge"):
+        if name in accepted:
+            return name
+    return None
+
+
+def _convert_sequentially(
+    model: nn.Module,
+    batches: List[Any],
+    plans: List[Tuple[str, nn.Module, type, Any, Dict[str, Any], LayerReport]],
+    config: Sequential,
+    allow_larger: bool,
+) -> FactorizationReport:
+    """Fit and swap the planned layers in execution order (see :mod:`.sequential`).
+
+    Layers are swapped in as they are fitted; on any error every swap is undone, so
+    the model is left as it was.
+    """
+    parents = _parents(model)
+    swapped: List[Tuple[nn.Module, nn.Module]] = []
+
+    def swap(old: nn.Module, new: nn.Module) -> None:
+        _swap(old, new, parents.get(id(old), []))
+        swapped.append((old, new))
+
+    def builder(fqn, module, layer_cls, spec, layer_options, row):
+        options = {k: v for k, v in layer_options.items() if k != "calibration"}
+        ridge_name = _ridge_option(layer_cls)
+
+        def build(source: nn.Module, stats: InputStats, ridge: Dict[str, Any]) -> nn.Module | None:
+            try:
+                layer = layer_cls.from_dense(source, spec, calibration=stats, **options, **ridge)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{fqn} ({type(module).__name__}): {exc}") from exc
+            reason = None if allow_larger else _no_saving_reason(layer, module, row)
+            if reason is not None:
+                row.skipped = reason
+                return None
+            return layer
+
+        return build, (lambda r: {} if ridge_name is None else {ridge_name: r})
+
+    targets, rows = [], {}
+    for plan in plans:
+        fqn, module, layer_cls, _, _, row = plan
+        if row.skipped is not None:
+            continue
+        if not _accepts_calibration(layer_cls):
+            raise TypeError(
+                f"sequential calibration needs layer classes whose from_dense takes "
+                f"calibration=; {layer_cls.__name__} ({fqn}) does not"
+            )
+        build, ridge_options = builder(*plan)
+        targets.append(Target(fqn, module, build, ridge_options))
+        rows[fqn] = row
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        final_error = sequential_convert(model, batches, targets, config, swap)
+    except BaseException:
+        parents = _parents(model)
+        for old, new in reversed(swapped):
+            _swap(new, old, parents.get(id(new), []))
+        raise
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    for target in targets:
+        row = rows[target.name]
+        if target.layer is None:
+            continue
+        target.layer.train(modes[target.module])
+        _fill_converted_row(row, target.module, target.layer, None)
+        record = target.record
+        row.output_error = record.output_error
+        row.output_error_before = record.output_error_before
+        row.note = f"compensation {record.strength:g}, ridge {record.ridge:g}"
+    return FactorizationReport([plan[-1] for plan in plans], model_output_error=final_error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,6 +699,7 @@ def _calibration_stats(
     model: nn.Module,
     targets: List[Tuple[str, nn.Module, type]],
     calibration: Iterable[Any] | Mapping[str, InputStats] | None,
+    sensitivity: bool = False,
 ) -> Dict[str, InputStats]:
     if calibration is None:
         return {}
@@ -577,7 +718,12 @@ def _calibration_stats(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        return calibrate(model, calibration, filter_fn=lambda module, fqn: fqn in names)
+        return calibrate(
+            model,
+            calibration,
+            filter_fn=lambda module, fqn: fqn in names,
+            sensitivity=sensitivity,
+        )
     finally:
         for module, training in modes.items():
             module.training = training
@@ -605,6 +751,7 @@ def _rank_specs(
     multiple_of: int,
     per_layer_options: List[Dict[str, Any]],
     allow_larger: bool,
+    stats: List[InputStats | None],
 ) -> List[Any]:
     """One concrete rank spec per target (or a :class:`_Skip`), from a spec or a policy."""
     needs_profile = isinstance(rank, POLICY_TYPES) or multiple_of > 1
@@ -640,7 +787,11 @@ def _rank_specs(
             # Only candidates that save both parameters and FLOPs, so that the budget's
             # decisions and the skip rule of _plan_one agree.
             profiles = [p.saving() for p in profiles]
-        choice = allocate_budget(profiles, rank)
+        sensitivities = [None if entry is None else entry.sensitivity for entry in stats]
+        weights = None
+        if rank.sensitivity and sensitivities and all(w is not None for w in sensitivities):
+            weights = sensitivities
+        choice = allocate_budget(profiles, rank, weights)
         return [
             _Skip("kept dense by the budget") if i is None else p.ranks[i]
             for p, i in zip(profiles, choice)

@@ -222,13 +222,24 @@ class Budget:
     (or FLOP), and may keep a layer dense when that is the best use of the budget.
     Given to a single layer's ``from_dense``, it acts as that fraction of the layer.
 
+    With calibration batches and ``sensitivity=True`` (the default), ``factorize_``
+    weighs each layer's error by how much it changes the *model's* output: it
+    measures, with one backward pass per calibration batch, the mean squared gradient
+    ``h`` of a probe loss with respect to the layer's outputs (the Fisher information
+    of the logits for models that return ``logits``, else a random projection of the
+    output: the Gauss--Newton curvature of the KL divergence or of the squared output
+    error), and minimises ``sum_l h_l ||W_l X_l||^2 e_l^2``, the second-order estimate
+    of the loss increase, where ``e_l`` is layer ``l``'s relative output error
+    (:attr:`factorized_layers.calibrate.InputStats.sensitivity`).
+
     Examples:
         >>> Budget(params=0.5)
-        Budget(params=0.5, flops=None)
+        Budget(params=0.5, flops=None, sensitivity=True)
     """
 
     params: float | None = None
     flops: float | None = None
+    sensitivity: bool = True
 
     def __post_init__(self) -> None:
         if (self.params is None) == (self.flops is None):
@@ -236,6 +247,8 @@ class Budget:
                 f"Budget needs exactly one of params= or flops=, got params={self.params!r}, "
                 f"flops={self.flops!r}"
             )
+        if not isinstance(self.sensitivity, bool):
+            raise TypeError(f"Budget sensitivity must be a bool, got {self.sensitivity!r}")
         if self.params is not None:
             _check_fraction("Budget params", self.params)
         else:
@@ -521,11 +534,16 @@ def select_rank(spec: Union[RankSpec, RankPolicy], profile: RankProfile) -> Any:
     )
 
 
-def allocate_budget(profiles: Sequence[RankProfile], budget: Budget) -> list:
+def allocate_budget(
+    profiles: Sequence[RankProfile],
+    budget: Budget,
+    weights: Sequence[float] | None = None,
+) -> list:
     """Choose one candidate per layer to minimise total error under a global budget.
 
     The objective is the sum over layers of the squared relative reconstruction
-    error (each layer's lost energy as a fraction of its own), subject to the total
+    error (each layer's lost energy as a fraction of its own), times the layer's
+    weight when ``weights`` are given (e.g. its measured sensitivity), subject to the total
     parameters (or FLOPs) of all layers being at most ``budget.fraction`` of their
     dense total. Each layer may also stay dense (zero error, dense cost).
 
@@ -540,6 +558,7 @@ def allocate_budget(profiles: Sequence[RankProfile], budget: Budget) -> list:
     Args:
         profiles: One :class:`RankProfile` per layer.
         budget: The global :class:`Budget`.
+        weights: Non-negative weight of each layer's squared error (default all 1).
 
     Returns:
         Per layer, the index of the chosen candidate in ``profile.ranks``, or ``None``
@@ -559,12 +578,21 @@ def allocate_budget(profiles: Sequence[RankProfile], budget: Budget) -> list:
         [1, None]
     """
     use_flops = budget.quantity == "flops"
-    options = []  # per layer: (costs, squared errors, candidate indices; None = dense)
-    for profile in profiles:
+    if weights is None:
+        weights = [1.0] * len(profiles)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(profiles) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(
+            f"weights must be {len(profiles)} finite non-negative numbers, got {weights!r}"
+        )
+    options = []  # per layer: (costs, weighted squared errors, candidate indices; None = dense)
+    for profile, weight in zip(profiles, weights):
         costs = profile.flops if use_flops else profile.params
         dense_cost = profile.dense_flops if use_flops else profile.dense_params
         layer = sorted(
-            (c, e * e, i) for i, (c, e) in enumerate(zip(costs, profile.errors)) if c < dense_cost
+            (c, weight * e * e, i)
+            for i, (c, e) in enumerate(zip(costs, profile.errors))
+            if c < dense_cost
         )
         layer.append((dense_cost, 0.0, None))
         options.append(layer)

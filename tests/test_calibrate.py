@@ -105,7 +105,8 @@ def test_statistics_hold_only_the_gram_matrix():
     stats = calibrate(model, batches)
     assert set(stats) == {"0", "2"}
     for name, features in (("0", 10), ("2", 8)):
-        assert set(vars(stats[name])) == {"gram", "rows"}
+        tensors = {k for k, v in vars(stats[name]).items() if isinstance(v, torch.Tensor)}
+        assert tensors == {"gram"}  # no activation is kept; the rest are scalar counts
         assert stats[name].gram.shape == (features, features)
         assert stats[name].gram.dtype == torch.float64
         assert stats[name].rows == 64 * 20

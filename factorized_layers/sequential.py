@@ -1,0 +1,720 @@
+"""Sequential, error-compensating calibration: layers fitted on the compressed model's inputs.
+
+Plain calibration fits every layer to the *dense* model's inputs, but at run time each
+layer receives the inputs of the *compressed* model, whose earlier layers already
+carry their own errors; on deep models the errors add up. Sequential calibration
+(GPTQ-style) converts the layers in execution order. For a layer with weight ``W``
+it collects, over the calibration rows, the Gram ``G = X_c^T X_c`` of the inputs
+``X_c`` it receives in the partly compressed model, the cross term ``C = X_d^T X_c``
+with the dense model's inputs ``X_d``, and ``D = X_d^T X_d``. The exact least-squares
+weight for the dense target ``X_d W^T`` is then ``W C G^{-1}`` (the layer *undoes*
+part of the upstream error), but that closed form overfits: it is regularised toward
+``W`` as ``W_a = (1 - a) W + a W C (G + ridge)^{-1}``, and the layer class fits
+``W_a`` under the Gram ``G`` (whitened SVD, whitened Tucker, whitened CP), which for a
+low-rank matrix is the exact optimum of ``||X_d W^T - X_c W'^T||^2 + (1/a - 1)
+||X_c (W - W')^T||^2``. ``a`` and the ridge are chosen per layer among candidates by
+the output error on held-out calibration batches, so a layer whose compensation does
+not generalise falls back to ``a = 0`` (fit ``W`` on the compressed inputs); the
+chosen candidate is then refitted on all batches.
+
+Cost: the model runs once up to the first repeated block, then every block runs on
+cached block inputs, a few partial passes per block (one per group of layers that
+share an input), for the dense and the compressed path: about two calibration passes
+of the whole model, not one per layer. The cached block inputs live on the CPU
+(``cache_device``), capped by ``max_cache_bytes``. Under ``torch.distributed`` every
+statistic is summed over the ranks before each fit, so every rank fits the same
+factors from all ranks' data.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+import numbers
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .calibrate import InputStats, distributed, first_tensor, run_batch
+
+__all__ = ["Sequential", "PairedStats", "sequential_convert"]
+
+_CHUNK_ENTRIES = 2**22
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+    """Options of sequential calibration (``factorize_(..., sequential=Sequential(...))``).
+
+    Args:
+        holdout: Fraction of the calibration batches held out to choose each layer's
+            compensation and ridge (every ``1/holdout``-th batch); ``0`` fits on all
+            batches with the first candidate of each list.
+        compensation: Candidate strengths ``a`` in ``[0, 1]`` of the error
+            compensation (``0``: fit the dense weight on the compressed model's inputs;
+            ``1``: the least-squares weight that best reproduces the dense outputs).
+        ridges: Candidate relative ridges (times the Gram's mean diagonal) of the
+            inverse and of the whitening.
+        blocks: The repeated blocks to process one after another: the name of an
+            ``nn.ModuleList`` (e.g. ``"model.layers"``), ``None`` to pick the
+            ``nn.ModuleList`` that holds the most targeted layers, or ``False`` to run
+            the whole model for every group of layers (small models).
+        max_cache_bytes: Cap on the cached block inputs (dense and compressed path).
+        cache_device: Where the cached block inputs are kept (default CPU).
+        device: Where the decompositions run (e.g. ``"cuda"`` while the model stays on
+            the CPU); default: on the weight's device.
+
+    Examples:
+        >>> Sequential(holdout=0.25, compensation=(0.0, 1.0))
+        Sequential(holdout=0.25, compensation=(0.0, 1.0), ridges=(0.0001, 0.01), blocks=None, max_cache_bytes=4294967296, cache_device='cpu', device=None)
+    """
+
+    holdout: float = 0.25
+    compensation: Tuple[float, ...] = (0.0, 0.5, 1.0)
+    ridges: Tuple[float, ...] = (1e-4, 1e-2)
+    blocks: str | bool | None = None
+    max_cache_bytes: int = 4 * 2**30
+    cache_device: str = "cpu"
+    device: str | torch.device | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.holdout, numbers.Real) or not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
+        for name, values, low, high in (
+            ("compensation", self.compensation, 0.0, 1.0),
+            ("ridges", self.ridges, 0.0, math.inf),
+        ):
+            values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+            if not values or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and low <= v <= high
+                for v in values
+            ):
+                raise ValueError(
+                    f"{name} must be one or more numbers in [{low}, {high}], got {values!r}"
+                )
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if self.blocks is not None and not isinstance(self.blocks, (str, bool)):
+            raise TypeError(
+                f"blocks must be a module name, None or False, got {type(self.blocks).__name__}"
+            )
+        if self.blocks is True:
+            object.__setattr__(self, "blocks", None)
+        if isinstance(self.max_cache_bytes, bool) or not (
+            isinstance(self.max_cache_bytes, int) and self.max_cache_bytes > 0
+        ):
+            raise ValueError(
+                f"max_cache_bytes must be a positive int, got {self.max_cache_bytes!r}"
+            )
+
+
+@dataclasses.dataclass
+class PairedStats:
+    """Second moments of one layer's compressed-path inputs ``X_c`` and dense inputs ``X_d``.
+
+    Rows are input vectors (tokens; for a convolution, channel vectors at every
+    position). The matrices are ``(in, in)`` float64 accumulators; each chunk's
+    product is computed in float32 (float64 for float64 inputs), so a sum over many
+    chunks keeps float64 accuracy at float32 GEMM speed.
+
+    Attributes:
+        gram: ``X_c^T X_c``.
+        cross: ``X_d^T X_c``.
+        dense_gram: ``X_d^T X_d``, or ``None`` when not collected (only the held-out
+            statistics need it, to measure errors).
+        rows: Number of rows accumulated.
+    """
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    dense_gram: torch.Tensor | None
+    rows: int = 0
+
+    @classmethod
+    def zeros(cls, features: int, device: torch.device, dense_gram: bool = True) -> PairedStats:
+        def zero() -> torch.Tensor:
+            return torch.zeros(features, features, dtype=torch.float64, device=device)
+
+        return cls(zero(), zero(), zero() if dense_gram else None)
+
+    def add(self, dense: torch.Tensor, compressed: torch.Tensor) -> None:
+        """Accumulate paired rows ``(*, in)`` in chunks of at most 2**22 entries."""
+        if dense.shape != compressed.shape:
+            raise ValueError(
+                f"dense and compressed inputs differ in shape: {tuple(dense.shape)} vs "
+                f"{tuple(compressed.shape)}"
+            )
+        d = dense.detach().reshape(-1, dense.shape[-1])
+        c = compressed.detach().reshape(-1, compressed.shape[-1])
+        product = torch.float64 if c.dtype == torch.float64 else torch.float32
+        step = max(1, _CHUNK_ENTRIES // d.shape[1])
+        for d_chunk, c_chunk in zip(d.split(step), c.split(step)):
+            wide_d = d_chunk.to(device=self.gram.device, dtype=product)
+            wide_c = c_chunk.to(device=self.gram.device, dtype=product)
+            self.gram += wide_c.mT @ wide_c
+            self.cross += wide_d.mT @ wide_c
+            if self.dense_gram is not None:
+                self.dense_gram += wide_d.mT @ wide_d
+        self.rows += d.shape[0]
+
+    def __add__(self, other: PairedStats) -> PairedStats:
+        dense_gram = None
+        if self.dense_gram is not None and other.dense_gram is not None:
+            dense_gram = self.dense_gram + other.dense_gram
+        return PairedStats(
+            self.gram + other.gram, self.cross + other.cross, dense_gram, self.rows + other.rows
+        )
+
+    def all_reduce(self) -> None:
+        """Sum over the ranks of the default process group (no-op without one)."""
+        if not distributed():
+            return
+        import torch.distributed as dist
+
+        rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.gram.device)
+        for tensor in (self.gram, self.cross, self.dense_gram, rows):
+            if tensor is not None:
+                dist.all_reduce(tensor)
+        self.rows = int(rows.item())
+
+
+def _rows_view(weight: torch.Tensor) -> torch.Tensor:
+    """``(out * spatial, in)``: every input-channel slice of a linear or conv weight."""
+    if weight.dim() == 2:
+        return weight
+    return weight.movedim(1, -1).reshape(-1, weight.shape[1])
+
+
+def _mix_inputs(weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+    """``W`` with its input mode multiplied by ``mixing`` (``W @ M`` for a matrix)."""
+    if weight.dim() == 2:
+        return weight @ mixing
+    return torch.einsum("oi...,ij->oj...", weight, mixing)
+
+
+def _ridged_inverse(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(G + ridge * mean(diag G) I)^+`` by ``eigh`` (pseudo-inverse when singular)."""
+    symmetric = (gram + gram.mT) / 2
+    eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
+    eigenvalues = eigenvalues.clamp_min(0) + ridge * symmetric.diagonal().mean().clamp_min(0)
+    cutoff = eigenvalues.max().clamp_min(1e-300) * 1e-13
+    inverse = torch.where(eigenvalues > cutoff, 1 / eigenvalues.clamp_min(1e-300), 0.0)
+    return (eigenvectors * inverse) @ eigenvectors.mT
+
+
+def mixing_matrix(stats: PairedStats, ridge: float) -> torch.Tensor:
+    """``C (G + ridge * mean(diag G) I)^+``: the input map of the least-squares weight."""
+    return stats.cross @ _ridged_inverse(stats.gram, ridge)
+
+
+def compensated_weight(
+    weight: torch.Tensor,
+    stats: PairedStats,
+    strength: float,
+    ridge: float,
+    mixing: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(1 - a) W + a W C (G + ridge)^{-1}`` in float64 on the statistics' device.
+
+    ``W C G^{-1}`` is the least-squares weight ``W'`` of ``||X_d W^T - X_c W'^T||``; for
+    a convolution the correction mixes input channels only (exact for 1x1 kernels).
+    ``mixing`` is :func:`mixing_matrix` of ``stats`` and ``ridge``, when already known.
+
+    Examples:
+        >>> x = torch.randn(40, 3, dtype=torch.float64)
+        >>> stats = PairedStats.zeros(3, x.device)
+        >>> stats.add(x, 2 * x)  # the compressed path doubles the inputs
+        >>> w = torch.randn(2, 3, dtype=torch.float64)
+        >>> torch.allclose(compensated_weight(w, stats, 1.0, 0.0), w / 2)
+        True
+    """
+    wide = weight.detach().to(device=stats.gram.device, dtype=torch.float64)
+    if strength == 0:
+        return wide
+    if mixing is None:
+        mixing = mixing_matrix(stats, ridge)
+    return wide + strength * (_mix_inputs(wide, mixing) - wide)
+
+
+def held_out_error(weight: torch.Tensor, approximation: torch.Tensor, stats: PairedStats) -> float:
+    """``||X_d W^T - X_c W'^T||_F / ||X_d W^T||_F`` from the statistics alone.
+
+    For a convolution, every kernel position is counted as an independent channel
+    map (the statistics hold no spatial correlations).
+    """
+    device = stats.gram.device
+    w = _rows_view(weight.detach().to(device=device, dtype=torch.float64))
+    a = _rows_view(approximation.detach().to(device=device, dtype=torch.float64))
+    target = torch.einsum("oi,ij,oj->", w, stats.dense_gram, w)
+    numerator = target - 2 * torch.einsum("oi,ij,oj->", w, stats.cross, a)
+    numerator = numerator + torch.einsum("oi,ij,oj->", a, stats.gram, a)
+    return math.sqrt(max(float(numerator), 0.0) / max(float(target), 1e-300))
+
+
+@dataclasses.dataclass
+class FitRecord:
+    """How one layer was fitted: the chosen candidate and its held-out errors."""
+
+    strength: float
+    ridge: float
+    output_error: float | None
+    """Held-out relative output error of the chosen fit (``None`` without held-out rows)."""
+    output_error_before: float | None
+    """Held-out error of the uncompensated fit (``a = 0``), at the chosen ridge when it
+    was tried there, else at the first ridge."""
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the inputs it needs are captured."""
+
+
+class _BlockCall:
+    """One cached call of a block: its positional and keyword arguments, hidden state apart."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self.key: int | str = 0
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            self.key = "hidden_states"
+        else:
+            raise ValueError(
+                "sequential calibration needs the block's hidden state as its first "
+                "positional argument or as hidden_states=; use Sequential(blocks=False)"
+            )
+        hidden = args[0] if self.key == 0 else kwargs["hidden_states"]
+        self.args = tuple(args[1:]) if self.key == 0 else tuple(args)
+        self.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or self.key == 0}
+        # A block must not grow a key/value cache while it is run again and again.
+        for name in ("past_key_value", "past_key_values", "layer_past"):
+            if name in self.kwargs:
+                self.kwargs[name] = None
+        if "use_cache" in self.kwargs:
+            self.kwargs["use_cache"] = False
+        self.hidden_dtype = hidden.dtype
+        self.hidden_device = hidden.device
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(device=self.hidden_device)
+        if self.key == 0:
+            output = block(hidden, *self.args, **self.kwargs)
+        else:
+            output = block(*self.args, hidden_states=hidden, **self.kwargs)
+        return first_tensor(output)
+
+
+def find_blocks(model: nn.Module, targets: Sequence[str], spec: str | bool | None) -> List[str]:
+    """Names of the repeated blocks to process in order (``[]``: the whole model is one unit)."""
+    if spec is False:
+        return []
+    modules = dict(model.named_modules())
+    if isinstance(spec, str):
+        container = modules.get(spec)
+        if not isinstance(container, nn.ModuleList):
+            lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
+            raise ValueError(
+                f"blocks={spec!r} is not an nn.ModuleList of the model; ModuleLists: {lists[:10]}"
+            )
+        return [f"{spec}.{name}" if spec else name for name in container._modules]
+    best: Tuple[int, List[str]] = (0, [])
+    for name, module in modules.items():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        children = [f"{name}.{child}" if name else child for child in module._modules]
+        covered = sum(any(t.startswith(c + ".") for c in children) for t in targets)
+        if covered > best[0]:
+            best = (covered, children)
+    return best[1]
+
+
+def _is_held_out(index: int, holdout: float) -> bool:
+    return math.floor((index + 1) * holdout) > math.floor(index * holdout)
+
+
+class _Capture:
+    """Forward pre-hooks that record the inputs of chosen layers and stop the pass after them."""
+
+    def __init__(self, modules: Dict[str, nn.Module], convolution: Dict[str, bool]) -> None:
+        self.modules = modules
+        self.convolution = convolution
+        self.inputs: Dict[str, torch.Tensor] = {}
+        self.order: List[str] = []
+        self.stop_after: set | None = None
+        self.group_input: torch.Tensor | None = None
+        self.discover = False
+        self.handles: List[Any] = []
+
+    def __enter__(self) -> _Capture:
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not args or not isinstance(args[0], torch.Tensor) or name in self.inputs:
+                return
+            value = args[0]
+            if self.discover:
+                # The group is the first layer reached and the layers right after it
+                # that read the very same tensor (e.g. q/k/v, or gate/up).
+                if self.group_input is not None and value is not self.group_input:
+                    raise _Stop
+                self.group_input = value
+                self.order.append(name)
+            elif self.stop_after is not None and name not in self.stop_after:
+                return
+            self.inputs[name] = value.movedim(-3, -1) if self.convolution[name] else value
+            if self.stop_after is not None and set(self.inputs) >= self.stop_after:
+                raise _Stop
+
+        return hook
+
+    def run(self, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except _Stop:
+            pass
+
+
+@dataclasses.dataclass
+class Target:
+    """One layer to convert: where it is, what to build, and the report row to fill."""
+
+    name: str
+    module: nn.Module
+    build: Callable[[nn.Module, InputStats, Dict[str, Any]], nn.Module | None]
+    """``build(source, calibration, ridge_options) -> layer`` (``None``: keep it dense)."""
+    ridge_options: Callable[[float], Dict[str, Any]]
+    record: FitRecord | None = None
+    layer: nn.Module | None = None
+
+
+def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A shallow copy of ``module`` whose weight is ``weight`` (bias and options kept)."""
+    twin = copy.copy(module)
+    twin._parameters = dict(module._parameters)
+    twin._parameters["weight"] = nn.Parameter(weight, module.weight.requires_grad)
+    return twin
+
+
+def fit_layer(
+    target: Target,
+    fit: PairedStats,
+    held: PairedStats | None,
+    config: Sequential,
+    mixings: Dict[Tuple[int, float], torch.Tensor],
+) -> nn.Module | None:
+    """Choose compensation and ridge on ``held``, refit on all rows; returns the layer.
+
+    The search is coordinate-wise: every compensation strength at the first ridge,
+    then the other ridges at the best strength. ``mixings`` caches
+    :func:`mixing_matrix` per statistics object and ridge (layers that read the same
+    input share their statistics).
+    """
+    module = target.module
+    weight = module.weight.detach()
+    work_device = torch.device(config.device) if config.device is not None else weight.device
+
+    def build(stats: PairedStats, strength: float, ridge: float) -> nn.Module | None:
+        mixing = None
+        if strength:
+            key = (id(stats), ridge)
+            if key not in mixings:
+                mixings[key] = mixing_matrix(stats, ridge)
+            mixing = mixings[key]
+        source_weight = compensated_weight(weight, stats, strength, ridge, mixing)
+        source = _with_weight(module, source_weight.to(device=work_device, dtype=weight.dtype))
+        if work_device != weight.device:
+            source = source.to(work_device)
+        layer = target.build(
+            source,
+            InputStats(stats.gram.to(work_device), stats.rows),
+            target.ridge_options(ridge),
+        )
+        return None if layer is None else layer.to(weight.device)
+
+    first_ridge = config.ridges[0]
+    if held is None or held.rows == 0:
+        strength = config.compensation[0]
+        target.record = FitRecord(strength, first_ridge, None, None)
+        return build(fit, strength, first_ridge)
+    errors: Dict[Tuple[float, float], float] = {}
+
+    def score(ridge: float, strength: float) -> bool:
+        layer = build(fit, strength, ridge)
+        if layer is None:
+            return False
+        with torch.no_grad():
+            errors[(ridge, strength)] = held_out_error(weight, layer.dense_weight(), held)
+        return True
+
+    for strength in config.compensation:
+        if not score(first_ridge, strength):
+            return None
+    best_strength = min(config.compensation, key=lambda a: errors[(first_ridge, a)])
+    for ridge in config.ridges[1:]:
+        score(ridge, best_strength)
+    ridge, strength = min(errors, key=errors.get)
+    before = errors.get((ridge, 0.0), errors.get((first_ridge, 0.0)))
+    target.record = FitRecord(strength, ridge, errors[(ridge, strength)], before)
+    merged = fit + held
+    layer = build(merged, strength, ridge)
+    for key in [key for key in mixings if key[0] == id(merged)]:
+        del mixings[key]
+    return layer
+
+
+class _Unit:
+    """A part of the model processed as a whole: one block, or the whole model."""
+
+    def __init__(self, module: nn.Module, run: Callable[[nn.Module, int], Any]) -> None:
+        self.module = module
+        self.run = run  # run(module_or_twin, batch_index) -> output
+
+
+def sequential_convert(
+    model: nn.Module,
+    batches: Sequence[Any],
+    targets: List[Target],
+    config: Sequential,
+    swap: Callable[[nn.Module, nn.Module], None],
+) -> float | None:
+    """Fit and swap every target in execution order on the partly compressed model.
+
+    ``swap(old, new)`` installs ``new`` in place of ``old`` in the model. Returns the
+    relative error of the final hidden state (last block's output, or the model's
+    output without blocks) on the held-out batches, or ``None`` without any.
+    """
+    names = [t.name for t in targets]
+    block_names = find_blocks(model, names, config.blocks)
+    modules = dict(model.named_modules())
+    by_name = {t.name: t for t in targets}
+    held = [_is_held_out(i, config.holdout) for i in range(len(batches))]
+    if not any(held) or all(held):
+        held = [False] * len(batches)
+    in_blocks = {
+        block: [n for n in names if n.startswith(block + ".")] for block in block_names
+    }
+    outside = [n for n in names if not any(n in group for group in in_blocks.values())]
+    final_error: float | None = None
+    if block_names:
+        calls, dense_hidden = _block_inputs(
+            model, modules[block_names[0]], batches, config.cache_device
+        )
+        _check_cache(dense_hidden, config)
+        compressed_hidden = [h.clone() for h in dense_hidden]
+        dense_twin_of_rest = copy.deepcopy(model) if outside else None
+        for block_name in block_names:
+            block = modules[block_name]
+            twin = copy.deepcopy(block)
+            unit_targets = [by_name[n] for n in in_blocks[block_name]]
+
+            def run_compressed(module: nn.Module, i: int) -> torch.Tensor:
+                return calls[i](module, compressed_hidden[i])
+
+            def run_dense(module: nn.Module, i: int) -> torch.Tensor:
+                return calls[i](module, dense_hidden[i])
+
+            dense_hidden[:] = _convert_unit(
+                block, twin, run_compressed, run_dense, unit_targets, held, config, swap,
+                keep_outputs=[True] * len(batches),
+            )
+            with torch.no_grad():
+                for i in range(len(batches)):
+                    compressed_hidden[i] = run_compressed(block, i).to(config.cache_device)
+            del twin
+        final_error = _relative_error(
+            [d for d, h in zip(dense_hidden, held) if h],
+            [c for c, h in zip(compressed_hidden, held) if h],
+        )
+        if outside:
+            final_error = _whole_model(
+                model, dense_twin_of_rest, batches, [by_name[n] for n in outside], held,
+                config, swap,
+            )
+    else:
+        final_error = _whole_model(
+            model, copy.deepcopy(model), batches, targets, held, config, swap
+        )
+    return final_error
+
+
+def _whole_model(model, twin, batches, targets, held, config, swap) -> float | None:
+    def run(module: nn.Module, i: int) -> Any:
+        return run_batch(module, batches[i], i)
+
+    outputs = _convert_unit(model, twin, run, run, targets, held, config, swap, keep_outputs=held)
+    if not any(held):
+        return None
+    with torch.no_grad():
+        compressed = [first_tensor(run(model, i)) for i, h in enumerate(held) if h]
+    return _relative_error([o for o, h in zip(outputs, held) if h], compressed)
+
+
+def _relative_error(dense: List[torch.Tensor], compressed: List[torch.Tensor]) -> float | None:
+    if not dense:
+        return None
+    numerator = sum(float((c.double() - d.double()).square().sum()) for d, c in zip(dense, compressed))
+    denominator = sum(float(d.double().square().sum()) for d in dense)
+    return math.sqrt(numerator / max(denominator, 1e-300))
+
+
+def _check_cache(hidden: List[torch.Tensor], config: Sequential) -> None:
+    needed = 2 * sum(h.numel() * h.element_size() for h in hidden)
+    if needed > config.max_cache_bytes:
+        raise ValueError(
+            f"sequential calibration would cache {needed:,} bytes of block inputs (dense and "
+            f"compressed path), above max_cache_bytes={config.max_cache_bytes:,}: give fewer "
+            "calibration tokens or raise Sequential(max_cache_bytes=...)"
+        )
+
+
+def _block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: Sequence[Any], cache_device: str
+):
+    """The arguments of the first block for every batch (the model is stopped there)."""
+    calls: List[_BlockCall] = []
+    hidden: List[torch.Tensor] = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = _BlockCall(args, kwargs)
+        calls.append(call)
+        value = args[0] if call.key == 0 else kwargs["hidden_states"]
+        hidden.append(value.detach().to(cache_device, copy=True))
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                try:
+                    run_batch(model, batch, i)
+                except _Stop:
+                    pass
+                if len(calls) != i + 1:
+                    raise ValueError(
+                        f"calibration batch {i} never reached the first block; "
+                        "use Sequential(blocks=False)"
+                    )
+    finally:
+        handle.remove()
+    return calls, hidden
+
+
+def _convert_unit(
+    unit: nn.Module,
+    twin: nn.Module,
+    run_compressed: Callable[[nn.Module, int], Any],
+    run_dense: Callable[[nn.Module, int], Any],
+    targets: List[Target],
+    held: List[bool],
+    config: Sequential,
+    swap: Callable[[nn.Module, nn.Module], None],
+    keep_outputs: Sequence[bool],
+) -> List[torch.Tensor | None]:
+    """Convert ``targets`` inside ``unit``, group by group, in execution order.
+
+    The dense twin runs once: it records every target's dense inputs (kept on the
+    cache device) and returns its outputs for the batches in ``keep_outputs``. Then,
+    per group of layers that read the same tensor, the partly compressed unit runs up
+    to that group, the group is fitted and swapped in.
+    """
+    unit_names = {id(m): n for n, m in unit.named_modules()}
+    twin_modules = dict(twin.named_modules())
+    relative = {t.name: unit_names[id(t.module)] for t in targets}
+    convolution = {t.name: isinstance(t.module, nn.modules.conv._ConvNd) for t in targets}
+    dense_inputs: List[Dict[str, torch.Tensor]] = []
+    dense_outputs: List[torch.Tensor | None] = []
+    cached = 0
+    twin_targets = {t.name: twin_modules[relative[t.name]] for t in targets}
+    with torch.no_grad(), _Capture(twin_targets, convolution) as dense:
+        for i in range(len(held)):
+            dense.inputs = {}
+            output = run_dense(twin, i)
+            dense_outputs.append(
+                first_tensor(output).detach().to(config.cache_device) if keep_outputs[i] else None
+            )
+            stored: Dict[int, torch.Tensor] = {}
+            batch_inputs = {}
+            for name, value in dense.inputs.items():
+                if id(value) not in stored:
+                    # A copy: the model may later change the tensor in place.
+                    stored[id(value)] = value.detach().to(config.cache_device, copy=True)
+                    cached += value.numel() * value.element_size()
+                batch_inputs[name] = stored[id(value)]
+            dense_inputs.append(batch_inputs)
+            if cached > config.max_cache_bytes:
+                raise ValueError(
+                    f"sequential calibration would cache more than {config.max_cache_bytes:,} "
+                    "bytes of dense layer inputs for one block: give fewer calibration tokens "
+                    "or raise Sequential(max_cache_bytes=...)"
+                )
+    pending = {t.name: t for t in targets}
+    any_held = any(held)
+    while pending:
+        live = {name: t.module for name, t in pending.items()}
+        group: List[str] = []
+        stats: Dict[str, Tuple[PairedStats, PairedStats]] = {}
+        with torch.no_grad(), _Capture(live, convolution) as compressed:
+            for i in range(len(held)):
+                compressed.inputs = {}
+                if i == 0:
+                    compressed.discover = True
+                    compressed.run(lambda: run_compressed(unit, 0))
+                    compressed.discover = False
+                    group = list(compressed.order)
+                    if not group:
+                        raise ValueError(
+                            f"layers {sorted(pending)} were not reached by the calibration data"
+                        )
+                    compressed.stop_after = set(group)
+                else:
+                    compressed.run(lambda: run_compressed(unit, i))
+                first = group[0]
+                for name in group:
+                    if name not in dense_inputs[i] or name not in compressed.inputs:
+                        raise ValueError(
+                            f"{name} was reached by calibration batch {i} in only one of the "
+                            "dense and the compressed model"
+                        )
+                    shared = (
+                        name != first
+                        and compressed.inputs[name] is compressed.inputs[first]
+                        and dense_inputs[i][name] is dense_inputs[i][first]
+                    )
+                    if name not in stats:
+                        if shared:
+                            stats[name] = stats[first]
+                        else:
+                            features = compressed.inputs[name].shape[-1]
+                            device = compressed.inputs[name].device
+                            stats[name] = (
+                                PairedStats.zeros(features, device, dense_gram=False),
+                                PairedStats.zeros(features, device, dense_gram=True),
+                            )
+                    if stats[name] is not stats[first] or name == first:
+                        stats[name][1 if held[i] else 0].add(
+                            dense_inputs[i][name], compressed.inputs[name]
+                        )
+        reduced = set()
+        mixings: Dict[Tuple[int, float], torch.Tensor] = {}
+        for name in group:
+            fit, held_stats = stats[name]
+            if id(fit) not in reduced:
+                fit.all_reduce()
+                held_stats.all_reduce()
+                reduced.add(id(fit))
+            target = pending.pop(name)
+            layer = fit_layer(target, fit, held_stats if any_held else None, config, mixings)
+            if layer is not None:
+                target.layer = layer
+                swap(target.module, layer)
+        for i in range(len(held)):
+            for name in group:
+                dense_inputs[i].pop(name, None)
+    return dense_outputs
