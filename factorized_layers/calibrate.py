@@ -16,7 +16,7 @@ mode of a CP kernel.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, List
 
 import torch
 import torch.nn as nn
@@ -54,11 +54,8 @@ class InputStats:
         large batch (e.g. every position of a convolution's input) needs no float64
         copy of its own size.
         """
-        flat = inputs.detach().reshape(-1, inputs.shape[-1])
-        for chunk in flat.split(max(1, _CHUNK_ENTRIES // flat.shape[1])):
-            wide = chunk.to(torch.float64)
-            self.gram.addmm_(wide.mT, wide)
-        self.rows += flat.shape[0]
+        self.gram += gram_of(inputs)
+        self.rows += inputs.numel() // inputs.shape[-1]
 
     @property
     def sensitivity(self) -> float | None:
@@ -74,6 +71,16 @@ class InputStats:
         if self.output_numel == 0:
             return None
         return self.grad_sq / self.output_numel * self.output_energy
+
+
+def gram_of(inputs: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` in float64 for ``X = inputs.reshape(-1, features)``, in 32 MiB chunks."""
+    flat = inputs.detach().reshape(-1, inputs.shape[-1])
+    gram = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
+    for chunk in flat.split(max(1, _CHUNK_ENTRIES // flat.shape[1])):
+        wide = chunk.to(torch.float64)
+        gram.addmm_(wide.mT, wide)
+    return gram
 
 
 def run_batch(model: nn.Module, batch: Any, index: int) -> Any:
@@ -94,9 +101,9 @@ def check_batch(batch: Any, index: int) -> None:
     """Raise ``TypeError`` unless ``batch`` is a Tensor, a tuple/list or a dict."""
     if not isinstance(batch, (torch.Tensor, dict, tuple, list)):
         raise TypeError(
-        f"calibration batch {index} is a {type(batch).__name__}; expected a Tensor, "
-        "a tuple/list of positional arguments or a dict of keyword arguments"
-    )
+            f"calibration batch {index} is a {type(batch).__name__}; expected a Tensor, "
+            "a tuple/list of positional arguments or a dict of keyword arguments"
+        )
 
 
 def probe_loss(output: Any, generator: torch.Generator) -> torch.Tensor:
@@ -112,7 +119,10 @@ def probe_loss(output: Any, generator: torch.Generator) -> torch.Tensor:
     logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         log_probs = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
-        labels = torch.multinomial(log_probs.detach().exp(), 1, generator=generator)
+        # Inverse-CDF sampling: much faster than torch.multinomial over a large vocabulary.
+        cdf = log_probs.detach().exp().cumsum(dim=-1)
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator).to(cdf.device)
+        labels = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_max(cdf.shape[1] - 1)
         return -log_probs.gather(1, labels).sum()
     tensor = first_tensor(output)
     noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
@@ -214,6 +224,7 @@ def calibrate(
         raise ValueError(f"max_batches must be a positive integer, got {max_batches!r}")
     stats: Dict[str, InputStats] = {}
     outputs: Dict[str, list] = {}
+    batch_grams: Dict[tuple, tuple] = {}
     handles = []
     watched: Dict[str, nn.Module] = {}
 
@@ -229,10 +240,20 @@ def calibrate(
             if not args or not isinstance(args[0], torch.Tensor):
                 return
             entry = stats[name]
-            if entry.gram.device != args[0].device:
-                entry.gram = entry.gram.to(args[0].device)
-            # Channels last, for (N, C, H, W) and unbatched (C, H, W) inputs alike.
-            entry.add(args[0].movedim(-3, -1) if convolution else args[0])
+            value = args[0]
+            if entry.gram.device != value.device:
+                entry.gram = entry.gram.to(value.device)
+            # Layers that read the very same tensor (q/k/v projections, say) share one
+            # product per batch; the tensor is held in the batch cache, so its id is
+            # not reused within the batch.
+            key = (id(value), convolution)
+            if key not in batch_grams:
+                # Channels last, for (N, C, H, W) and unbatched (C, H, W) inputs alike.
+                rows = value.movedim(-3, -1) if convolution else value
+                batch_grams[key] = (value, gram_of(rows), rows.numel() // rows.shape[-1])
+            _, gram, count = batch_grams[key]
+            entry.gram += gram
+            entry.rows += count
 
         def output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if isinstance(output, torch.Tensor) and output.requires_grad:
@@ -259,6 +280,7 @@ def calibrate(
                 layer.weight.requires_grad_(True)
         for batches, batch in enumerate(data, 1):
             outputs.clear()
+            batch_grams.clear()
             check_batch(batch, batches - 1)
             with torch.set_grad_enabled(sensitivity):
                 try:
@@ -276,10 +298,33 @@ def calibrate(
             handle.remove()
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
+        batch_grams.clear()
     if batches == 0:
         raise ValueError("calibration data is empty: give at least one batch")
     all_reduce_stats(stats)
+    _share_equal_grams(stats)
     return {name: entry for name, entry in stats.items() if entry.rows or distributed()}
+
+
+def _share_equal_grams(stats: Dict[str, InputStats]) -> None:
+    """Let layers with bitwise equal Grams (same inputs) hold one tensor.
+
+    Saves memory, and lets caches keyed by the tensor (the whitening ``eigh``) serve
+    every layer that reads the same inputs.
+    """
+    kept: List[InputStats] = []
+    for entry in stats.values():
+        for other in kept:
+            if (
+                other.rows == entry.rows
+                and other.gram.shape == entry.gram.shape
+                and other.gram.device == entry.gram.device
+                and torch.equal(other.gram, entry.gram)
+            ):
+                entry.gram = other.gram
+                break
+        else:
+            kept.append(entry)
 
 
 def _accumulate_sensitivity(
@@ -297,11 +342,15 @@ def _accumulate_sensitivity(
     for name, tensor, gradient in zip(names, tensors, gradients):
         entry = stats[name]
         if gradient is not None:
-            entry.grad_sq += float(gradient.detach().double().square().sum())
+            entry.grad_sq += _squared_norm(gradient.detach())
         entry.output_numel += tensor.numel()
         weight_term = tensor.detach()
         bias = watched[name].bias
         if bias is not None:
             shape = (-1, 1, 1) if isinstance(watched[name], nn.Conv2d) else (-1,)
             weight_term = weight_term - bias.detach().view(shape)
-        entry.output_energy += float(weight_term.double().square().sum())
+        entry.output_energy += _squared_norm(weight_term)
+
+
+def _squared_norm(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2

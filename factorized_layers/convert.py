@@ -382,7 +382,7 @@ def factorize_(
     allow_larger: bool = False,
     progress: bool | None = None,
     calibration: Iterable[Any] | Mapping[str, InputStats] | None = None,
-    sequential: bool | Sequential = False,
+    sequential: bool | Sequential | None = None,
     layer_options: Mapping[type, Mapping[str, Any]] | None = None,
     **options: Any,
 ) -> FactorizationReport:
@@ -427,7 +427,11 @@ def factorize_(
             error compensation validated on held-out calibration batches
             (:mod:`factorized_layers.sequential`); ``True`` or a
             :class:`~factorized_layers.sequential.Sequential` with options. Needs
-            calibration batches (not precomputed statistics).
+            calibration batches (not precomputed statistics). Default (``None``): on
+            when ``calibration`` is batches and every targeted class has a calibrated
+            ``from_dense`` (it won on held-out data on SmolLM2-135M and MiniLM,
+            ``benchmarks/README.md``), off otherwise; ``False`` fits every layer to
+            the dense model's inputs in one pass.
         layer_options: ``{layer class: {option: value}}`` for one class's
             ``from_dense`` only, e.g. ``{CPConv2d: {"n_iter": 300}}`` (options mean
             different things per class: ``n_iter`` is power iterations for SVD, HOOI
@@ -484,6 +488,12 @@ def factorize_(
         if (reason := _unsupported_reason(layer_cls, module, read_by_parent)) is not None
     }
     targets_to_rank = [t for t in targets if t[0] not in skips]
+    if sequential is None:
+        sequential = (
+            calibration is not None
+            and not isinstance(calibration, Mapping)
+            and all(_accepts_calibration(layer_cls) for _, _, layer_cls in targets)
+        )
     config = _check_sequential(sequential, calibration)
     if calibration is not None and not isinstance(calibration, Mapping):
         calibration = list(calibration)
@@ -568,7 +578,7 @@ def factorize_(
 def _check_sequential(
     sequential: bool | Sequential, calibration: Any
 ) -> Sequential | None:
-    if sequential is False or sequential is None:
+    if sequential is False:
         return None
     config = Sequential() if sequential is True else sequential
     if not isinstance(config, Sequential):
@@ -730,12 +740,14 @@ def _calibration_stats(
 
 
 def _hedged(output_profile: RankProfile, weight_profile: RankProfile) -> RankProfile:
-    """Budget errors with calibration: root mean square of output and weight error.
+    """Budget errors with calibration but no sensitivity: RMS of output and weight error.
 
     The output term targets the calibration data; the weight term guards against
     calibration data unlike the data the model will see. On all-MiniLM-L6-v2 the pure
     output-error allocation lost to plain SVD at 90% of the parameters, while this mix
-    beat it at every budget measured (benchmarks/README.md).
+    beat it at every budget measured (benchmarks/README.md). With measured
+    sensitivities the pure output error is used: on MiniLM at half the parameters the
+    hedge cost 0.04-0.06 of embedding cosine there.
     """
     if output_profile.ranks != weight_profile.ranks:
         return output_profile
@@ -764,6 +776,13 @@ def _rank_specs(
             f"rank {rank!r} (multiple_of={multiple_of}) needs a rank profile, which "
             f"{', '.join(without_profile)} does not provide; give an int or float rank"
         )
+    sensitivities = [None if entry is None else entry.sensitivity for entry in stats]
+    weighted = (
+        isinstance(rank, Budget)
+        and rank.sensitivity
+        and bool(sensitivities)
+        and all(w is not None for w in sensitivities)
+    )
     for (fqn, module, layer_cls), layer_options in zip(targets, per_layer_options):
         if module.weight.device.type == "meta":
             raise ValueError(
@@ -779,7 +798,7 @@ def _rank_specs(
                 name: value for name, value in layer_options.items() if name in accepted
             }
         profile = layer_cls.rank_profile(module, **profile_options)
-        if isinstance(rank, Budget) and profile_options:
+        if isinstance(rank, Budget) and profile_options and not weighted:
             profile = _hedged(profile, layer_cls.rank_profile(module))
         profiles.append(profile.restrict_to_multiples(multiple_of))
     if isinstance(rank, Budget):
@@ -787,11 +806,7 @@ def _rank_specs(
             # Only candidates that save both parameters and FLOPs, so that the budget's
             # decisions and the skip rule of _plan_one agree.
             profiles = [p.saving() for p in profiles]
-        sensitivities = [None if entry is None else entry.sensitivity for entry in stats]
-        weights = None
-        if rank.sensitivity and sensitivities and all(w is not None for w in sensitivities):
-            weights = sensitivities
-        choice = allocate_budget(profiles, rank, weights)
+        choice = allocate_budget(profiles, rank, sensitivities if weighted else None)
         return [
             _Skip("kept dense by the budget") if i is None else p.ranks[i]
             for p, i in zip(profiles, choice)

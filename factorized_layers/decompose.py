@@ -13,9 +13,11 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import math
+import threading
 from typing import Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -310,6 +312,51 @@ def _check_ridge(ridge: float) -> None:
         raise ValueError(f"ridge must be a finite non-negative float, got {ridge!r}")
 
 
+_ROOT_CACHE: collections.OrderedDict = collections.OrderedDict()
+_ROOT_CACHE_SIZE = 4
+_ROOT_CACHE_LOCK = threading.Lock()
+
+
+def normalized_whitening_eig(
+    gram: torch.Tensor, device: torch.device, dtype: torch.dtype, ridge: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(E, d)`` of :func:`whitening_root` of ``gram`` scaled to unit mean diagonal.
+
+    ``E * d`` is the root; ``E diag(d^-2) E^T / mean(diag(gram))`` is the inverse of
+    ``gram`` plus its ridge. The last few results are cached by the identity and
+    version of ``gram`` (the cache holds a reference, so an identity cannot be reused
+    while cached): fitting several candidate weights under one calibration Gram, as
+    sequential calibration does, computes its ``eigh`` once.
+    """
+    _check_ridge(ridge)
+    key = (id(gram), gram._version, torch.device(device), dtype, float(ridge))
+    with _ROOT_CACHE_LOCK:
+        hit = _ROOT_CACHE.get(key)
+        if hit is not None:
+            _ROOT_CACHE.move_to_end(key)
+            return hit[1], hit[2]
+    eigenvectors, root_eigenvalues = _whitening_eig(_normalized_gram(gram, device, dtype), ridge)
+    with _ROOT_CACHE_LOCK:
+        _ROOT_CACHE[key] = (gram, eigenvectors, root_eigenvalues)
+        while len(_ROOT_CACHE) > _ROOT_CACHE_SIZE:
+            _ROOT_CACHE.popitem(last=False)
+    return eigenvectors, root_eigenvalues
+
+
+def normalized_whitening_root(
+    gram: torch.Tensor, device: torch.device, dtype: torch.dtype, ridge: float
+) -> torch.Tensor:
+    """:func:`whitening_root` of ``gram`` scaled to unit mean diagonal, in ``dtype`` (cached)."""
+    eigenvectors, root_eigenvalues = normalized_whitening_eig(gram, device, dtype, ridge)
+    return eigenvectors * root_eigenvalues
+
+
+def clear_whitening_cache() -> None:
+    """Drop the cached whitening roots (and the Gram matrices they hold)."""
+    with _ROOT_CACHE_LOCK:
+        _ROOT_CACHE.clear()
+
+
 def _whitening_eig(gram: torch.Tensor, ridge: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(E, d)``, ``E`` orthogonal and ``d >= 0``, with ``whitening_root(gram) = E * d``."""
     _check_ridge(ridge)
@@ -335,7 +382,7 @@ def whitened_singular_values(
     _check_matrix(weight)
     _check_gram(gram, weight.shape[1])
     dtype = _compute_dtype(weight, compute_dtype)
-    root = whitening_root(_normalized_gram(gram, weight.device, dtype), ridge=ridge)
+    root = normalized_whitening_root(gram, weight.device, dtype, ridge)
     return torch.linalg.svdvals(weight.detach().to(dtype) @ root)
 
 
@@ -383,7 +430,7 @@ def whitened_low_rank_factors(
         meta = dict(device=weight.device, dtype=weight.dtype)
         return torch.empty(rows, r, **meta), torch.empty(r, cols, **meta)
     matrix = weight.detach().to(dtype)
-    root = whitening_root(_normalized_gram(gram, weight.device, dtype), ridge=ridge)
+    root = normalized_whitening_root(gram, weight.device, dtype, ridge)
     left = torch.linalg.svd(matrix @ root, full_matrices=False).U[:, :r]
     projected = left.mT @ matrix
     balance = projected.norm(dim=1).sqrt()

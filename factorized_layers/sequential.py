@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from .calibrate import InputStats, distributed, first_tensor, run_batch
+from .decompose import clear_whitening_cache, normalized_whitening_eig
 
 __all__ = ["Sequential", "PairedStats", "sequential_convert"]
 
@@ -115,9 +116,8 @@ class PairedStats:
     """Second moments of one layer's compressed-path inputs ``X_c`` and dense inputs ``X_d``.
 
     Rows are input vectors (tokens; for a convolution, channel vectors at every
-    position). The matrices are ``(in, in)`` float64 accumulators; each chunk's
-    product is computed in float32 (float64 for float64 inputs), so a sum over many
-    chunks keeps float64 accuracy at float32 GEMM speed.
+    position). The matrices are ``(in, in)`` float64, accumulated from float64 copies
+    of chunks of at most 2**22 entries.
 
     Attributes:
         gram: ``X_c^T X_c``.
@@ -148,15 +148,14 @@ class PairedStats:
             )
         d = dense.detach().reshape(-1, dense.shape[-1])
         c = compressed.detach().reshape(-1, compressed.shape[-1])
-        product = torch.float64 if c.dtype == torch.float64 else torch.float32
         step = max(1, _CHUNK_ENTRIES // d.shape[1])
         for d_chunk, c_chunk in zip(d.split(step), c.split(step)):
-            wide_d = d_chunk.to(device=self.gram.device, dtype=product)
-            wide_c = c_chunk.to(device=self.gram.device, dtype=product)
-            self.gram += wide_c.mT @ wide_c
-            self.cross += wide_d.mT @ wide_c
+            wide_d = d_chunk.to(device=self.gram.device, dtype=torch.float64)
+            wide_c = c_chunk.to(device=self.gram.device, dtype=torch.float64)
+            self.gram.addmm_(wide_c.mT, wide_c)
+            self.cross.addmm_(wide_d.mT, wide_c)
             if self.dense_gram is not None:
-                self.dense_gram += wide_d.mT @ wide_d
+                self.dense_gram.addmm_(wide_d.mT, wide_d)
         self.rows += d.shape[0]
 
     def __add__(self, other: PairedStats) -> PairedStats:
@@ -194,19 +193,22 @@ def _mix_inputs(weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
     return torch.einsum("oi...,ij->oj...", weight, mixing)
 
 
-def _ridged_inverse(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(G + ridge * mean(diag G) I)^+`` by ``eigh`` (pseudo-inverse when singular)."""
-    symmetric = (gram + gram.mT) / 2
-    eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
-    eigenvalues = eigenvalues.clamp_min(0) + ridge * symmetric.diagonal().mean().clamp_min(0)
+def mixing_matrix(stats: PairedStats, ridge: float, dtype: torch.dtype) -> torch.Tensor:
+    """``C (G + ridge * mean(diag G) I)^+``: the input map of the least-squares weight.
+
+    The inverse comes from the (cached) ``eigh`` of the whitening that the layer's
+    fit computes in ``dtype`` anyway; eigenvalues below ``1e-13`` of the largest are
+    dropped (pseudo-inverse), so singular Grams give no Inf.
+    """
+    gram = stats.gram
+    eigenvectors, root_eigenvalues = normalized_whitening_eig(gram, gram.device, dtype, ridge)
+    eigenvalues = root_eigenvalues.to(torch.float64).square()
     cutoff = eigenvalues.max().clamp_min(1e-300) * 1e-13
-    inverse = torch.where(eigenvalues > cutoff, 1 / eigenvalues.clamp_min(1e-300), 0.0)
-    return (eigenvectors * inverse) @ eigenvectors.mT
-
-
-def mixing_matrix(stats: PairedStats, ridge: float) -> torch.Tensor:
-    """``C (G + ridge * mean(diag G) I)^+``: the input map of the least-squares weight."""
-    return stats.cross @ _ridged_inverse(stats.gram, ridge)
+    inverse_eigenvalues = torch.where(
+        eigenvalues > cutoff, 1 / eigenvalues.clamp_min(1e-300), 0.0
+    ) / gram.diagonal().mean().clamp_min(1e-300)
+    vectors = eigenvectors.to(torch.float64)
+    return ((stats.cross @ vectors) * inverse_eigenvalues) @ vectors.mT
 
 
 def compensated_weight(
@@ -220,7 +222,8 @@ def compensated_weight(
 
     ``W C G^{-1}`` is the least-squares weight ``W'`` of ``||X_d W^T - X_c W'^T||``; for
     a convolution the correction mixes input channels only (exact for 1x1 kernels).
-    ``mixing`` is :func:`mixing_matrix` of ``stats`` and ``ridge``, when already known.
+    ``mixing`` is :func:`mixing_matrix` of ``stats`` and ``ridge``, when already known
+    (by default computed in float64).
 
     Examples:
         >>> x = torch.randn(40, 3, dtype=torch.float64)
@@ -234,23 +237,30 @@ def compensated_weight(
     if strength == 0:
         return wide
     if mixing is None:
-        mixing = mixing_matrix(stats, ridge)
+        mixing = mixing_matrix(stats, ridge, torch.float64)
     return wide + strength * (_mix_inputs(wide, mixing) - wide)
 
 
-def held_out_error(weight: torch.Tensor, approximation: torch.Tensor, stats: PairedStats) -> float:
+def held_out_error(
+    weight: torch.Tensor,
+    approximation: torch.Tensor,
+    stats: PairedStats,
+    target_energy: float | None = None,
+) -> float:
     """``||X_d W^T - X_c W'^T||_F / ||X_d W^T||_F`` from the statistics alone.
 
     For a convolution, every kernel position is counted as an independent channel
-    map (the statistics hold no spatial correlations).
+    map (the statistics hold no spatial correlations). ``target_energy`` is
+    ``||X_d W^T||_F^2`` when already known.
     """
     device = stats.gram.device
     w = _rows_view(weight.detach().to(device=device, dtype=torch.float64))
     a = _rows_view(approximation.detach().to(device=device, dtype=torch.float64))
-    target = torch.einsum("oi,ij,oj->", w, stats.dense_gram, w)
-    numerator = target - 2 * torch.einsum("oi,ij,oj->", w, stats.cross, a)
-    numerator = numerator + torch.einsum("oi,ij,oj->", a, stats.gram, a)
-    return math.sqrt(max(float(numerator), 0.0) / max(float(target), 1e-300))
+    if target_energy is None:
+        target_energy = float(((w @ stats.dense_gram) * w).sum())
+    cross = float(((a @ stats.cross.mT) * w).sum())
+    own = float(((a @ stats.gram) * a).sum())
+    return math.sqrt(max(target_energy - 2 * cross + own, 0.0) / max(target_energy, 1e-300))
 
 
 @dataclasses.dataclass
@@ -411,21 +421,24 @@ def fit_layer(
 ) -> nn.Module | None:
     """Choose compensation and ridge on ``held``, refit on all rows; returns the layer.
 
-    The search is coordinate-wise: every compensation strength at the first ridge,
-    then the other ridges at the best strength. ``mixings`` caches
+    The search is coordinate-wise: the compensation strengths in the given order at
+    the first ridge, until one does not lower the held-out error, then the other
+    ridges at the best strength. ``mixings`` caches
     :func:`mixing_matrix` per statistics object and ridge (layers that read the same
     input share their statistics).
     """
     module = target.module
     weight = module.weight.detach()
     work_device = torch.device(config.device) if config.device is not None else weight.device
+    # The dtype the layer's whitened fit computes in, so that the inverse shares its eigh.
+    compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
 
     def build(stats: PairedStats, strength: float, ridge: float) -> nn.Module | None:
         mixing = None
         if strength:
             key = (id(stats), ridge)
             if key not in mixings:
-                mixings[key] = mixing_matrix(stats, ridge)
+                mixings[key] = mixing_matrix(stats, ridge, compute_dtype)
             mixing = mixings[key]
         source_weight = compensated_weight(weight, stats, strength, ridge, mixing)
         source = _with_weight(module, source_weight.to(device=work_device, dtype=weight.dtype))
@@ -444,19 +457,28 @@ def fit_layer(
         target.record = FitRecord(strength, first_ridge, None, None)
         return build(fit, strength, first_ridge)
     errors: Dict[Tuple[float, float], float] = {}
+    rows = _rows_view(weight.to(device=held.gram.device, dtype=torch.float64))
+    target_energy = float(((rows @ held.dense_gram) * rows).sum())
 
     def score(ridge: float, strength: float) -> bool:
         layer = build(fit, strength, ridge)
         if layer is None:
             return False
         with torch.no_grad():
-            errors[(ridge, strength)] = held_out_error(weight, layer.dense_weight(), held)
+            errors[(ridge, strength)] = held_out_error(
+                weight, layer.dense_weight(), held, target_energy
+            )
         return True
 
+    best_strength = None
     for strength in config.compensation:
         if not score(first_ridge, strength):
             return None
-    best_strength = min(config.compensation, key=lambda a: errors[(first_ridge, a)])
+        if best_strength is not None and errors[(first_ridge, strength)] >= errors[
+            (first_ridge, best_strength)
+        ]:
+            break  # the held-out error stopped falling along the candidates
+        best_strength = strength
     for ridge in config.ridges[1:]:
         score(ridge, best_strength)
     ridge, strength = min(errors, key=errors.get)
@@ -490,6 +512,13 @@ def sequential_convert(
     relative error of the final hidden state (last block's output, or the model's
     output without blocks) on the held-out batches, or ``None`` without any.
     """
+    try:
+        return _sequential_convert(model, batches, targets, config, swap)
+    finally:
+        clear_whitening_cache()
+
+
+def _sequential_convert(model, batches, targets, config, swap) -> float | None:
     names = [t.name for t in targets]
     block_names = find_blocks(model, names, config.blocks)
     modules = dict(model.named_modules())

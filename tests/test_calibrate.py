@@ -171,7 +171,7 @@ def test_factorize_with_data_or_precomputed_stats_agree_and_report_output_error(
     twin, _ = _correlated_model_and_data()
     twin.load_state_dict(model.state_dict())
     stats = calibrate(model, data)
-    from_data = factorize_(model, rank=6, calibration=data)
+    from_data = factorize_(model, rank=6, calibration=data, sequential=False)
     from_stats = factorize_(twin, rank=6, calibration=stats)
     assert all(row.output_error is not None for row in from_data.layers)
     assert "output err" in str(from_data)
@@ -372,7 +372,9 @@ def test_factorize_uses_tucker_calibration_and_reports_output_error():
     originals = [copy.deepcopy(model[0]), copy.deepcopy(model[2])]
     x = torch.cat(data)
     inputs = [x, torch.tanh(originals[0](x))]
-    report = factorize_(model, rank=0.3, layers={nn.Linear: TuckerLinear}, calibration=data)
+    report = factorize_(
+        model, rank=0.3, layers={nn.Linear: TuckerLinear}, calibration=data, sequential=False
+    )
     plain = factorize_(plain_model, rank=0.3, layers={nn.Linear: TuckerLinear})
     assert {row.target_type for row in report.replaced} == {"TuckerLinear"}
     assert "output err" in str(report)
