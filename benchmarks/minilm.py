@@ -68,8 +68,39 @@ def calibration_sentences(count: int = 192) -> List[str]:
     """Real English text disjoint from :data:`SENTENCES`, found on any machine offline.
 
     The model package's own README (its model card), then the docstrings of a fixed
-    list of Python standard-library modules, split into sentences of 6 to 40 words.
+    list of Python standard-library modules, split into sentences of 6 to 40 words;
+    beyond 192 sentences, sentences of the calibration split of gensim's Wikipedia
+    articles (:func:`benchmarks.smollm2.split_articles`) when gensim is installed.
     """
+    sentences = _docstring_sentences(min(count, 192))
+    if len(sentences) < count:
+        sentences += _wikipedia_sentences(count - len(sentences))
+    return sentences
+
+
+def _wikipedia_sentences(count: int) -> List[str]:
+    import re
+
+    try:
+        from .smollm2 import split_articles, wikipedia_articles
+    except ImportError:
+        return []
+    try:
+        articles, _ = split_articles(wikipedia_articles())
+    except ImportError:
+        return []
+    evaluation = set(SENTENCES)
+    sentences: List[str] = []
+    for article in articles:
+        for sentence in re.split(r"(?<=[.!?])\s+", article):
+            if 6 <= len(sentence.split()) <= 40 and sentence not in evaluation:
+                sentences.append(sentence)
+                if len(sentences) == count:
+                    return sentences
+    return sentences
+
+
+def _docstring_sentences(count: int) -> List[str]:
     import importlib
     import inspect
     import re

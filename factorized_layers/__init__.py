@@ -17,8 +17,10 @@ from .convert import (
     unfactorize_,
 )
 from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
+from .distill import DistillReport, distill_
 from .layers import CPConv2d, SVDLinear, TuckerLinear
 from .ranks import EVBMF, Budget, Energy, ErrorBound, RankProfile, RankSpec, resolve_matrix_rank
+from .sequential import Sequential
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,9 @@ __all__ = [
     "TuckerLinear",
     "factorize_",
     "calibrate",
+    "Sequential",
+    "distill_",
+    "DistillReport",
     "InputStats",
     "unfactorize_",
     "truncate_",

@@ -54,7 +54,8 @@ class InputStats:
         large batch (e.g. every position of a convolution's input) needs no float64
         copy of its own size.
         """
-        self.gram += gram_of(inputs)
+        # Out of place: after calibrate(), layers with equal inputs share one tensor.
+        self.gram = self.gram + gram_of(inputs)
         self.rows += inputs.numel() // inputs.shape[-1]
 
     @property
@@ -224,7 +225,7 @@ def calibrate(
         raise ValueError(f"max_batches must be a positive integer, got {max_batches!r}")
     stats: Dict[str, InputStats] = {}
     outputs: Dict[str, list] = {}
-    batch_grams: Dict[tuple, tuple] = {}
+    last_input: list = []  # [tensor, is convolution, its Gram, its row count]
     handles = []
     watched: Dict[str, nn.Module] = {}
 
@@ -243,21 +244,33 @@ def calibrate(
             value = args[0]
             if entry.gram.device != value.device:
                 entry.gram = entry.gram.to(value.device)
-            # Layers that read the very same tensor (q/k/v projections, say) share one
-            # product per batch; the tensor is held in the batch cache, so its id is
-            # not reused within the batch.
-            key = (id(value), convolution)
-            if key not in batch_grams:
+            # Consecutive layers that read the very same tensor (q/k/v projections, say)
+            # share one product; only the last input is held, so memory stays at one
+            # activation and its id cannot be reused while it is compared.
+            if last_input and last_input[0] is value and last_input[1] == convolution:
+                gram, count = last_input[2], last_input[3]
+            else:
                 # Channels last, for (N, C, H, W) and unbatched (C, H, W) inputs alike.
                 rows = value.movedim(-3, -1) if convolution else value
-                batch_grams[key] = (value, gram_of(rows), rows.numel() // rows.shape[-1])
-            _, gram, count = batch_grams[key]
-            entry.gram += gram
+                gram, count = gram_of(rows), rows.numel() // rows.shape[-1]
+                last_input[:] = [value, convolution, gram, count]
+            entry.gram = entry.gram + gram
             entry.rows += count
 
-        def output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                outputs.setdefault(name, []).append(output)
+        def output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                return None
+            entry = stats[name]
+            weight_term = output.detach()
+            if layer.bias is not None:
+                shape = (-1, 1, 1) if convolution else (-1,)
+                weight_term = weight_term - layer.bias.detach().view(shape)
+            entry.output_energy += _squared_norm(weight_term)
+            entry.output_numel += output.numel()
+            outputs.setdefault(name, []).append(output)
+            # The model continues with a copy: an in-place op after the layer (e.g.
+            # ReLU(inplace=True)) must not change the tensor the gradient is taken for.
+            return output.clone()
 
         handles.append(layer.register_forward_pre_hook(hook))
         if sensitivity:
@@ -280,7 +293,6 @@ def calibrate(
                 layer.weight.requires_grad_(True)
         for batches, batch in enumerate(data, 1):
             outputs.clear()
-            batch_grams.clear()
             check_batch(batch, batches - 1)
             with torch.set_grad_enabled(sensitivity):
                 try:
@@ -290,7 +302,7 @@ def calibrate(
                         f"calibration batch {batches - 1} failed in the model: {exc}"
                     ) from exc
                 if sensitivity:
-                    _accumulate_sensitivity(stats, watched, outputs, output, generator)
+                    _accumulate_sensitivity(stats, outputs, output, generator)
             if max_batches is not None and batches >= max_batches:
                 break
     finally:
@@ -298,7 +310,7 @@ def calibrate(
             handle.remove()
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
-        batch_grams.clear()
+        last_input.clear()
     if batches == 0:
         raise ValueError("calibration data is empty: give at least one batch")
     all_reduce_stats(stats)
@@ -329,7 +341,6 @@ def _share_equal_grams(stats: Dict[str, InputStats]) -> None:
 
 def _accumulate_sensitivity(
     stats: Dict[str, InputStats],
-    watched: Dict[str, nn.Module],
     outputs: Dict[str, list],
     output: Any,
     generator: torch.Generator,
@@ -339,17 +350,9 @@ def _accumulate_sensitivity(
     if not tensors:
         return
     gradients = torch.autograd.grad(probe_loss(output, generator), tensors, allow_unused=True)
-    for name, tensor, gradient in zip(names, tensors, gradients):
-        entry = stats[name]
+    for name, gradient in zip(names, gradients):
         if gradient is not None:
-            entry.grad_sq += _squared_norm(gradient.detach())
-        entry.output_numel += tensor.numel()
-        weight_term = tensor.detach()
-        bias = watched[name].bias
-        if bias is not None:
-            shape = (-1, 1, 1) if isinstance(watched[name], nn.Conv2d) else (-1,)
-            weight_term = weight_term - bias.detach().view(shape)
-        entry.output_energy += _squared_norm(weight_term)
+            stats[name].grad_sq += _squared_norm(gradient.detach())
 
 
 def _squared_norm(tensor: torch.Tensor) -> float:

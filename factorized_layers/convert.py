@@ -16,6 +16,7 @@ import math
 import numbers
 import re
 import sys
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
@@ -23,7 +24,8 @@ import torch.nn as nn
 
 from .calibrate import InputStats, calibrate
 from .decompose import relative_output_error
-from .sequential import Sequential, Target, sequential_convert
+from .decompose import whitening_cache
+from .sequential import CacheLimitError, Sequential, Target, sequential_convert
 from .layers import CPConv2d, SVDLinear, TuckerLinear
 from .ranks import POLICY_TYPES, Budget, RankProfile, allocate_budget, check_positive, select_rank
 
@@ -411,7 +413,8 @@ def factorize_(
         progress: Show a progress bar (tqdm if installed, else lines on stderr);
             default: only when there are 20 or more layers to convert.
         calibration: Data-aware conversion: an iterable of batches the model is run
-            on (see :func:`factorized_layers.calibrate.calibrate`), or the
+            on (see :func:`factorized_layers.calibrate.calibrate`; it is iterated
+            several times, so a one-shot iterator is first read into a list), or the
             ``{name: InputStats}`` it returned. Layer classes whose ``from_dense``
             accepts ``calibration`` then minimise the output error on that data; rank
             policies use output-error spectra; ``Budget`` allocates on the root mean
@@ -488,15 +491,17 @@ def factorize_(
         if (reason := _unsupported_reason(layer_cls, module, read_by_parent)) is not None
     }
     targets_to_rank = [t for t in targets if t[0] not in skips]
-    if sequential is None:
+    automatic = sequential is None
+    if automatic:
         sequential = (
             calibration is not None
             and not isinstance(calibration, Mapping)
+            and bool(targets)
             and all(_accepts_calibration(layer_cls) for _, _, layer_cls in targets)
         )
     config = _check_sequential(sequential, calibration)
-    if calibration is not None and not isinstance(calibration, Mapping):
-        calibration = list(calibration)
+    if config is not None:
+        calibration = list(calibration)  # iterated once per pass
     needs_profiles = isinstance(rank, POLICY_TYPES) or multiple_of > 1
     with_sensitivity = isinstance(rank, Budget) and rank.sensitivity
     stats = (
@@ -546,7 +551,20 @@ def factorize_(
         for (fqn, module, layer_cls), spec, layer_options in zip(targets, specs, per_layer_options)
     ]
     if config is not None:
-        return _convert_sequentially(model, calibration, plans, config, allow_larger)
+        try:
+            return _convert_sequentially(model, calibration, plans, config, allow_larger)
+        except CacheLimitError as exc:
+            if not automatic:
+                raise
+            # The default must not fail where plain calibration works: the model was
+            # left unchanged, convert it in one pass instead.
+            warnings.warn(f"{exc}; converting with sequential=False instead", stacklevel=2)
+            return factorize_(
+                model, rank, filter_fn=filter_fn, include=include, exclude=exclude,
+                layers=layers, multiple_of=multiple_of, allow_larger=allow_larger,
+                progress=progress, calibration=calibration, sequential=False,
+                layer_options=layer_options, **options,
+            )  # fmt: skip
     rows, swaps = [], []
     for fqn, module, layer_cls, spec, layer_options, row in _progress(plans, show):
         if row.skipped is None:
@@ -573,6 +591,22 @@ def factorize_(
     for module, layer in swaps:
         _swap(module, layer, parents.get(id(module), []))
     return FactorizationReport(rows)
+
+
+def _floored(sensitivities: List[float | None]) -> List[float] | None:
+    """Sensitivities with a floor of 1e-3 of their median (``None`` if any is missing).
+
+    A layer the probe's output does not depend on (e.g. a pooler beside the hidden
+    states) measures 0, yet its output may be used: it keeps a small weight rather
+    than being cut to the smallest rank for free.
+    """
+    if not sensitivities or any(w is None for w in sensitivities):
+        return None
+    positive = sorted(w for w in sensitivities if w > 0)
+    if not positive:
+        return None
+    floor = 1e-3 * positive[len(positive) // 2]
+    return [max(w, floor) for w in sensitivities]
 
 
 def _check_sequential(
@@ -624,7 +658,9 @@ def _convert_sequentially(
         options = {k: v for k, v in layer_options.items() if k != "calibration"}
         ridge_name = _ridge_option(layer_cls)
 
-        def build(source: nn.Module, stats: InputStats, ridge: Dict[str, Any]) -> nn.Module | None:
+        def build(
+            source: nn.Module, stats: InputStats | None, ridge: Dict[str, Any]
+        ) -> nn.Module | None:
             try:
                 layer = layer_cls.from_dense(source, spec, calibration=stats, **options, **ridge)
             except (TypeError, ValueError) as exc:
@@ -671,7 +707,11 @@ def _convert_sequentially(
         record = target.record
         row.output_error = record.output_error
         row.output_error_before = record.output_error_before
-        row.note = f"compensation {record.strength:g}, ridge {record.ridge:g}"
+        row.note = (
+            f"compensation {record.strength:g}, ridge {record.ridge:g}"
+            if record.reached
+            else "not reached by the calibration data"
+        )
     return FactorizationReport([plan[-1] for plan in plans], model_output_error=final_error)
 
 
@@ -769,20 +809,38 @@ def _rank_specs(
     needs_profile = isinstance(rank, POLICY_TYPES) or multiple_of > 1
     if not needs_profile:
         return [rank] * len(targets)
-    profiles: List[RankProfile] = []
     without_profile = sorted({c.__name__ for _, _, c in targets if not hasattr(c, "rank_profile")})
     if without_profile:
         raise TypeError(
             f"rank {rank!r} (multiple_of={multiple_of}) needs a rank profile, which "
             f"{', '.join(without_profile)} does not provide; give an int or float rank"
         )
-    sensitivities = [None if entry is None else entry.sensitivity for entry in stats]
-    weighted = (
-        isinstance(rank, Budget)
-        and rank.sensitivity
-        and bool(sensitivities)
-        and all(w is not None for w in sensitivities)
-    )
+    sensitivities = _floored([None if entry is None else entry.sensitivity for entry in stats])
+    weighted = isinstance(rank, Budget) and rank.sensitivity and sensitivities is not None
+    with whitening_cache():  # layers that read the same inputs share one eigh
+        profiles = _profiles(targets, rank, multiple_of, per_layer_options, weighted)
+    if isinstance(rank, Budget):
+        if not allow_larger:
+            # Only candidates that save both parameters and FLOPs, so that the budget's
+            # decisions and the skip rule of _plan_one agree.
+            profiles = [p.saving() for p in profiles]
+        choice = allocate_budget(profiles, rank, sensitivities if weighted else None)
+        return [
+            _Skip("kept dense by the budget") if i is None else p.ranks[i]
+            for p, i in zip(profiles, choice)
+        ]
+    return [select_rank(rank, profile) for profile in profiles]
+
+
+def _profiles(
+    targets: List[Tuple[str, nn.Module, type]],
+    rank: Any,
+    multiple_of: int,
+    per_layer_options: List[Dict[str, Any]],
+    weighted: bool,
+) -> List[RankProfile]:
+    """Each target's rank profile (output-error spectra with calibration)."""
+    profiles: List[RankProfile] = []
     for (fqn, module, layer_cls), layer_options in zip(targets, per_layer_options):
         if module.weight.device.type == "meta":
             raise ValueError(
@@ -801,17 +859,7 @@ def _rank_specs(
         if isinstance(rank, Budget) and profile_options and not weighted:
             profile = _hedged(profile, layer_cls.rank_profile(module))
         profiles.append(profile.restrict_to_multiples(multiple_of))
-    if isinstance(rank, Budget):
-        if not allow_larger:
-            # Only candidates that save both parameters and FLOPs, so that the budget's
-            # decisions and the skip rule of _plan_one agree.
-            profiles = [p.saving() for p in profiles]
-        choice = allocate_budget(profiles, rank, sensitivities if weighted else None)
-        return [
-            _Skip("kept dense by the budget") if i is None else p.ranks[i]
-            for p, i in zip(profiles, choice)
-        ]
-    return [select_rank(rank, profile) for profile in profiles]
+    return profiles
 
 
 def _plan_one(

@@ -315,6 +315,28 @@ def _check_ridge(ridge: float) -> None:
 _ROOT_CACHE: collections.OrderedDict = collections.OrderedDict()
 _ROOT_CACHE_SIZE = 4
 _ROOT_CACHE_LOCK = threading.Lock()
+_ROOT_CACHE_USERS = 0
+
+
+@contextlib.contextmanager
+def whitening_cache() -> Iterator[None]:
+    """Within the block, whitening ``eigh`` results are cached per Gram tensor.
+
+    Fitting several candidate weights under one calibration Gram (as sequential
+    calibration does) then computes its ``eigh`` once. The cache holds the last few
+    Grams (a reference each, so an identity cannot be reused while cached) and is
+    emptied when the outermost block exits; outside such a block nothing is cached.
+    """
+    global _ROOT_CACHE_USERS
+    with _ROOT_CACHE_LOCK:
+        _ROOT_CACHE_USERS += 1
+    try:
+        yield
+    finally:
+        with _ROOT_CACHE_LOCK:
+            _ROOT_CACHE_USERS -= 1
+            if _ROOT_CACHE_USERS == 0:
+                _ROOT_CACHE.clear()
 
 
 def normalized_whitening_eig(
@@ -323,38 +345,35 @@ def normalized_whitening_eig(
     """``(E, d)`` of :func:`whitening_root` of ``gram`` scaled to unit mean diagonal.
 
     ``E * d`` is the root; ``E diag(d^-2) E^T / mean(diag(gram))`` is the inverse of
-    ``gram`` plus its ridge. The last few results are cached by the identity and
-    version of ``gram`` (the cache holds a reference, so an identity cannot be reused
-    while cached): fitting several candidate weights under one calibration Gram, as
-    sequential calibration does, computes its ``eigh`` once.
+    ``gram`` plus its ridge. Inside :func:`whitening_cache` the ``eigh`` is cached by
+    the identity and version of ``gram`` (for every ridge).
     """
     _check_ridge(ridge)
-    key = (id(gram), gram._version, torch.device(device), dtype, float(ridge))
+    key = (id(gram), gram._version, torch.device(device), dtype)
     with _ROOT_CACHE_LOCK:
-        hit = _ROOT_CACHE.get(key)
+        hit = _ROOT_CACHE.get(key) if _ROOT_CACHE_USERS else None
         if hit is not None:
             _ROOT_CACHE.move_to_end(key)
-            return hit[1], hit[2]
-    eigenvectors, root_eigenvalues = _whitening_eig(_normalized_gram(gram, device, dtype), ridge)
-    with _ROOT_CACHE_LOCK:
-        _ROOT_CACHE[key] = (gram, eigenvectors, root_eigenvalues)
-        while len(_ROOT_CACHE) > _ROOT_CACHE_SIZE:
-            _ROOT_CACHE.popitem(last=False)
-    return eigenvectors, root_eigenvalues
+    if hit is None:
+        normalized = _normalized_gram(gram, device, dtype)
+        symmetric = (normalized + normalized.mT) / 2
+        eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
+        hit = (gram, eigenvectors, eigenvalues.clamp_min(0), symmetric.diagonal().mean())
+        with _ROOT_CACHE_LOCK:
+            if _ROOT_CACHE_USERS:
+                _ROOT_CACHE[key] = hit
+                while len(_ROOT_CACHE) > _ROOT_CACHE_SIZE:
+                    _ROOT_CACHE.popitem(last=False)
+    _, eigenvectors, eigenvalues, scale = hit
+    return eigenvectors, (eigenvalues + ridge * scale.clamp_min(0)).sqrt()
 
 
 def normalized_whitening_root(
     gram: torch.Tensor, device: torch.device, dtype: torch.dtype, ridge: float
 ) -> torch.Tensor:
-    """:func:`whitening_root` of ``gram`` scaled to unit mean diagonal, in ``dtype`` (cached)."""
+    """:func:`whitening_root` of ``gram`` scaled to unit mean diagonal, in ``dtype``."""
     eigenvectors, root_eigenvalues = normalized_whitening_eig(gram, device, dtype, ridge)
     return eigenvectors * root_eigenvalues
-
-
-def clear_whitening_cache() -> None:
-    """Drop the cached whitening roots (and the Gram matrices they hold)."""
-    with _ROOT_CACHE_LOCK:
-        _ROOT_CACHE.clear()
 
 
 def _whitening_eig(gram: torch.Tensor, ridge: float) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -11,19 +11,30 @@ weight for the dense target ``X_d W^T`` is then ``W C G^{-1}`` (the layer *undoe
 part of the upstream error), but that closed form overfits: it is regularised toward
 ``W`` as ``W_a = (1 - a) W + a W C (G + ridge)^{-1}``, and the layer class fits
 ``W_a`` under the Gram ``G`` (whitened SVD, whitened Tucker, whitened CP), which for a
-low-rank matrix is the exact optimum of ``||X_d W^T - X_c W'^T||^2 + (1/a - 1)
-||X_c (W - W')^T||^2``. ``a`` and the ridge are chosen per layer among candidates by
+low-rank matrix is (with no ridge) the exact optimum of ``||X_d W^T - X_c W'^T||^2 +
+(1/a - 1) ||X_c (W - W')^T||^2``. ``a`` and the ridge are chosen per layer among candidates by
 the output error on held-out calibration batches, so a layer whose compensation does
 not generalise falls back to ``a = 0`` (fit ``W`` on the compressed inputs); the
 chosen candidate is then refitted on all batches.
 
-Cost: the model runs once up to the first repeated block, then every block runs on
-cached block inputs, a few partial passes per block (one per group of layers that
-share an input), for the dense and the compressed path: about two calibration passes
-of the whole model, not one per layer. The cached block inputs live on the CPU
-(``cache_device``), capped by ``max_cache_bytes``. Under ``torch.distributed`` every
-statistic is summed over the ranks before each fit, so every rank fits the same
-factors from all ranks' data.
+Cost: the model runs once up to the first repeated block; then, on cached block
+inputs, each dense block runs once (recording its layers' inputs) and each partly
+compressed block a few partial passes (one per group of layers that share an input,
+stopped right after that group): a few calibration passes of the whole model in
+all, not one per layer. Under ``torch.distributed`` every statistic
+is summed over the ranks before each fit, so every rank fits the same factors from all
+ranks' data.
+
+Memory, for ``T`` calibration rows (tokens) and a layer with ``n`` input features:
+
+- the block inputs of the dense and the compressed path, ``2 T d`` values for a
+  hidden size ``d``, kept on ``cache_device`` (the CPU by default);
+- the dense inputs of the block being converted, one copy per distinct input tensor
+  (``T (3 * 576 + 1536)`` floats per block of SmolLM2); each of the two caches is
+  checked against ``max_cache_bytes``;
+- per group of layers that read the same input, five float64 ``n x n`` matrices (the
+  Gram, cross term and, for the held-out rows, the dense Gram): 94 MiB for
+  ``n = 1536``, independent of ``T``; freed once the group is fitted.
 """
 
 from __future__ import annotations
@@ -39,9 +50,9 @@ import torch
 import torch.nn as nn
 
 from .calibrate import InputStats, distributed, first_tensor, run_batch
-from .decompose import clear_whitening_cache, normalized_whitening_eig
+from .decompose import normalized_whitening_eig, whitening_cache
 
-__all__ = ["Sequential", "PairedStats", "sequential_convert"]
+__all__ = ["Sequential", "PairedStats", "CacheLimitError", "sequential_convert"]
 
 _CHUNK_ENTRIES = 2**22
 
@@ -62,7 +73,9 @@ class Sequential:
         blocks: The repeated blocks to process one after another: the name of an
             ``nn.ModuleList`` (e.g. ``"model.layers"``), ``None`` to pick the
             ``nn.ModuleList`` that holds the most targeted layers, or ``False`` to run
-            the whole model for every group of layers (small models).
+            the whole model for every group of layers (small models). Targeted layers
+            outside the blocks are converted after them, with whole-model passes (and
+            a copy of the dense model for their targets).
         max_cache_bytes: Cap on the cached block inputs (dense and compressed path).
         cache_device: Where the cached block inputs are kept (default CPU).
         device: Where the decompositions run (e.g. ``"cuda"`` while the model stays on
@@ -197,13 +210,14 @@ def mixing_matrix(stats: PairedStats, ridge: float, dtype: torch.dtype) -> torch
     """``C (G + ridge * mean(diag G) I)^+``: the input map of the least-squares weight.
 
     The inverse comes from the (cached) ``eigh`` of the whitening that the layer's
-    fit computes in ``dtype`` anyway; eigenvalues below ``1e-13`` of the largest are
-    dropped (pseudo-inverse), so singular Grams give no Inf.
+    fit computes in ``dtype`` anyway; eigenvalues below ``n * eps(dtype)`` of the
+    largest are dropped (pseudo-inverse), so singular Grams give no Inf.
     """
     gram = stats.gram
     eigenvectors, root_eigenvalues = normalized_whitening_eig(gram, gram.device, dtype, ridge)
     eigenvalues = root_eigenvalues.to(torch.float64).square()
-    cutoff = eigenvalues.max().clamp_min(1e-300) * 1e-13
+    # Eigenvalues below the eigh's own rounding level are noise: pseudo-inverse.
+    cutoff = eigenvalues.max().clamp_min(1e-300) * len(eigenvalues) * torch.finfo(dtype).eps
     inverse_eigenvalues = torch.where(
         eigenvalues > cutoff, 1 / eigenvalues.clamp_min(1e-300), 0.0
     ) / gram.diagonal().mean().clamp_min(1e-300)
@@ -274,6 +288,15 @@ class FitRecord:
     output_error_before: float | None
     """Held-out error of the uncompensated fit (``a = 0``), at the chosen ridge when it
     was tried there, else at the first ridge."""
+    reached: bool = True
+    """False when no calibration batch reached the layer (converted without data)."""
+
+
+class CacheLimitError(ValueError):
+    """The cached activations of sequential calibration would exceed ``max_cache_bytes``.
+
+    Raised before any layer of the unit is swapped in.
+    """
 
 
 class _Stop(Exception):
@@ -338,6 +361,67 @@ def find_blocks(model: nn.Module, targets: Sequence[str], spec: str | bool | Non
     return best[1]
 
 
+def _blocks_share_arguments(model: nn.Module, blocks: List[nn.Module], batch: Any) -> bool:
+    """Whether every block gets block 0's arguments (hidden state apart) on ``batch``.
+
+    Only then can one cached call replay every block. T5's relative position bias or
+    per-layer sliding-window masks, for instance, differ per block.
+    """
+    calls: Dict[int, _BlockCall | None] = {}
+
+    def recorder(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if index not in calls:
+                try:
+                    calls[index] = _BlockCall(args, kwargs)
+                except ValueError:
+                    calls[index] = None
+
+        return hook
+
+    handles = [
+        block.register_forward_pre_hook(recorder(i), with_kwargs=True)
+        for i, block in enumerate(blocks)
+    ]
+    try:
+        with torch.no_grad():
+            run_batch(model, batch, 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(calls) != len(blocks) or any(call is None for call in calls.values()):
+        return False
+    first = calls[0]
+    return all(
+        calls[i].key == first.key
+        and _same(calls[i].args, first.args)
+        and _same(calls[i].kwargs, first.kwargs)
+        for i in range(1, len(blocks))
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared count as different
+        return False
+
+
 def _is_held_out(index: int, holdout: float) -> bool:
     return math.floor((index + 1) * holdout) > math.floor(index * holdout)
 
@@ -349,6 +433,7 @@ class _Capture:
         self.modules = modules
         self.convolution = convolution
         self.inputs: Dict[str, torch.Tensor] = {}
+        self.raw: Dict[str, torch.Tensor] = {}  # the tensors as the layers received them
         self.order: List[str] = []
         self.stop_after: set | None = None
         self.group_input: torch.Tensor | None = None
@@ -378,6 +463,7 @@ class _Capture:
                 self.order.append(name)
             elif self.stop_after is not None and name not in self.stop_after:
                 return
+            self.raw[name] = value
             self.inputs[name] = value.movedim(-3, -1) if self.convolution[name] else value
             if self.stop_after is not None and set(self.inputs) >= self.stop_after:
                 raise _Stop
@@ -404,11 +490,21 @@ class Target:
     layer: nn.Module | None = None
 
 
-def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """A shallow copy of ``module`` whose weight is ``weight`` (bias and options kept)."""
+def _with_weight(module: nn.Module, weight: torch.Tensor, device: torch.device) -> nn.Module:
+    """A shallow copy of ``module`` on ``device`` whose weight is ``weight``.
+
+    Its parameters and buffers are new tensors (views where no move is needed), so
+    moving the copy never moves the model's own parameters.
+    """
     twin = copy.copy(module)
-    twin._parameters = dict(module._parameters)
-    twin._parameters["weight"] = nn.Parameter(weight, module.weight.requires_grad)
+    twin._parameters = {
+        name: None if p is None else nn.Parameter(p.detach().to(device), p.requires_grad)
+        for name, p in module._parameters.items()
+    }
+    twin._parameters["weight"] = nn.Parameter(weight.to(device), module.weight.requires_grad)
+    twin._buffers = {
+        name: None if b is None else b.to(device) for name, b in module._buffers.items()
+    }
     return twin
 
 
@@ -433,6 +529,8 @@ def fit_layer(
     # The dtype the layer's whitened fit computes in, so that the inverse shares its eigh.
     compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
 
+    moved: Dict[int, torch.Tensor] = {}  # each Gram moved once, so the eigh cache hits
+
     def build(stats: PairedStats, strength: float, ridge: float) -> nn.Module | None:
         mixing = None
         if strength:
@@ -441,13 +539,11 @@ def fit_layer(
                 mixings[key] = mixing_matrix(stats, ridge, compute_dtype)
             mixing = mixings[key]
         source_weight = compensated_weight(weight, stats, strength, ridge, mixing)
-        source = _with_weight(module, source_weight.to(device=work_device, dtype=weight.dtype))
-        if work_device != weight.device:
-            source = source.to(work_device)
+        source = _with_weight(module, source_weight.to(dtype=weight.dtype), work_device)
+        if id(stats) not in moved:
+            moved[id(stats)] = stats.gram.to(work_device)
         layer = target.build(
-            source,
-            InputStats(stats.gram.to(work_device), stats.rows),
-            target.ridge_options(ridge),
+            source, InputStats(moved[id(stats)], stats.rows), target.ridge_options(ridge)
         )
         return None if layer is None else layer.to(weight.device)
 
@@ -488,15 +584,18 @@ def fit_layer(
     layer = build(merged, strength, ridge)
     for key in [key for key in mixings if key[0] == id(merged)]:
         del mixings[key]
+    moved.pop(id(merged), None)
     return layer
 
 
-class _Unit:
-    """A part of the model processed as a whole: one block, or the whole model."""
-
-    def __init__(self, module: nn.Module, run: Callable[[nn.Module, int], Any]) -> None:
-        self.module = module
-        self.run = run  # run(module_or_twin, batch_index) -> output
+def _convert_unreached(targets: List[Target], swap: Callable[[nn.Module, nn.Module], None]):
+    """Layers no calibration batch reaches: converted without data (plain fit)."""
+    for target in targets:
+        layer = target.build(target.module, None, {})
+        target.record = FitRecord(0.0, 0.0, None, None, reached=False)
+        if layer is not None:
+            target.layer = layer
+            swap(target.module, layer)
 
 
 def sequential_convert(
@@ -512,16 +611,26 @@ def sequential_convert(
     relative error of the final hidden state (last block's output, or the model's
     output without blocks) on the held-out batches, or ``None`` without any.
     """
-    try:
+    if not targets:
+        return None
+    with whitening_cache():
         return _sequential_convert(model, batches, targets, config, swap)
-    finally:
-        clear_whitening_cache()
 
 
 def _sequential_convert(model, batches, targets, config, swap) -> float | None:
     names = [t.name for t in targets]
     block_names = find_blocks(model, names, config.blocks)
     modules = dict(model.named_modules())
+    if block_names and not _blocks_share_arguments(
+        model, [modules[n] for n in block_names], batches[0]
+    ):
+        if isinstance(config.blocks, str):
+            raise ValueError(
+                f"the blocks of {config.blocks!r} are not all called with the same arguments "
+                "(besides the hidden state), so they cannot be run on cached inputs; use "
+                "Sequential(blocks=False)"
+            )
+        block_names = []  # e.g. per-layer masks or position biases: whole-model passes
     by_name = {t.name: t for t in targets}
     held = [_is_held_out(i, config.holdout) for i in range(len(batches))]
     if not any(held) or all(held):
@@ -596,10 +705,10 @@ def _relative_error(dense: List[torch.Tensor], compressed: List[torch.Tensor]) -
 def _check_cache(hidden: List[torch.Tensor], config: Sequential) -> None:
     needed = 2 * sum(h.numel() * h.element_size() for h in hidden)
     if needed > config.max_cache_bytes:
-        raise ValueError(
+        raise CacheLimitError(
             f"sequential calibration would cache {needed:,} bytes of block inputs (dense and "
             f"compressed path), above max_cache_bytes={config.max_cache_bytes:,}: give fewer "
-            "calibration tokens or raise Sequential(max_cache_bytes=...)"
+            "calibration tokens, raise Sequential(max_cache_bytes=...) or pass sequential=False"
         )
 
 
@@ -663,7 +772,7 @@ def _convert_unit(
     twin_targets = {t.name: twin_modules[relative[t.name]] for t in targets}
     with torch.no_grad(), _Capture(twin_targets, convolution) as dense:
         for i in range(len(held)):
-            dense.inputs = {}
+            dense.inputs, dense.raw = {}, {}
             output = run_dense(twin, i)
             dense_outputs.append(
                 first_tensor(output).detach().to(config.cache_device) if keep_outputs[i] else None
@@ -671,41 +780,42 @@ def _convert_unit(
             stored: Dict[int, torch.Tensor] = {}
             batch_inputs = {}
             for name, value in dense.inputs.items():
-                if id(value) not in stored:
+                key = id(dense.raw[name])
+                if key not in stored:
                     # A copy: the model may later change the tensor in place.
-                    stored[id(value)] = value.detach().to(config.cache_device, copy=True)
+                    stored[key] = value.detach().to(config.cache_device, copy=True)
                     cached += value.numel() * value.element_size()
-                batch_inputs[name] = stored[id(value)]
+                batch_inputs[name] = stored[key]
             dense_inputs.append(batch_inputs)
             if cached > config.max_cache_bytes:
-                raise ValueError(
+                raise CacheLimitError(
                     f"sequential calibration would cache more than {config.max_cache_bytes:,} "
-                    "bytes of dense layer inputs for one block: give fewer calibration tokens "
-                    "or raise Sequential(max_cache_bytes=...)"
+                    "bytes of dense layer inputs for one unit (a block, or the whole model "
+                    "without blocks): give fewer calibration tokens, raise "
+                    "Sequential(max_cache_bytes=...) or pass sequential=False"
                 )
     pending = {t.name: t for t in targets}
-    any_held = any(held)
     while pending:
         live = {name: t.module for name, t in pending.items()}
         group: List[str] = []
         stats: Dict[str, Tuple[PairedStats, PairedStats]] = {}
         with torch.no_grad(), _Capture(live, convolution) as compressed:
             for i in range(len(held)):
-                compressed.inputs = {}
+                compressed.inputs, compressed.raw = {}, {}
                 if i == 0:
                     compressed.discover = True
                     compressed.run(lambda: run_compressed(unit, 0))
                     compressed.discover = False
                     group = list(compressed.order)
                     if not group:
-                        raise ValueError(
-                            f"layers {sorted(pending)} were not reached by the calibration data"
-                        )
+                        break
                     compressed.stop_after = set(group)
                 else:
                     compressed.run(lambda: run_compressed(unit, i))
                 first = group[0]
                 for name in group:
+                    if name not in dense_inputs[i] and name not in compressed.inputs:
+                        continue  # not reached by this batch (e.g. an unrouted expert)
                     if name not in dense_inputs[i] or name not in compressed.inputs:
                         raise ValueError(
                             f"{name} was reached by calibration batch {i} in only one of the "
@@ -713,7 +823,7 @@ def _convert_unit(
                         )
                     shared = (
                         name != first
-                        and compressed.inputs[name] is compressed.inputs[first]
+                        and compressed.raw[name] is compressed.raw[first]
                         and dense_inputs[i][name] is dense_inputs[i][first]
                     )
                     if name not in stats:
@@ -730,6 +840,9 @@ def _convert_unit(
                         stats[name][1 if held[i] else 0].add(
                             dense_inputs[i][name], compressed.inputs[name]
                         )
+        if not group:
+            _convert_unreached(list(pending.values()), swap)
+            break
         reduced = set()
         mixings: Dict[Tuple[int, float], torch.Tensor] = {}
         for name in group:
@@ -739,7 +852,8 @@ def _convert_unit(
                 held_stats.all_reduce()
                 reduced.add(id(fit))
             target = pending.pop(name)
-            layer = fit_layer(target, fit, held_stats if any_held else None, config, mixings)
+            # After the all-reduce, every rank sees the same held-out row count.
+            layer = fit_layer(target, fit, held_stats, config, mixings)
             if layer is not None:
                 target.layer = layer
                 swap(target.module, layer)

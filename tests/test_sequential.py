@@ -314,3 +314,176 @@ def test_two_gloo_processes_match_one_process_on_the_union(tmp_path):
             assert float(ranks[0][key]) > 0
         else:
             torch.testing.assert_close(ranks[0][key], value, rtol=1e-9, atol=1e-9, msg=key)
+
+
+def test_tucker_layers_convert_sequentially():
+    from factorized_layers import TuckerLinear
+
+    model = _mlp()
+    data = [torch.randn(64, 16) for _ in range(8)]
+    report = factorize_(
+        model, 0.3, layers={nn.Linear: TuckerLinear}, calibration=data, include=["2"]
+    )
+    assert isinstance(model[2], TuckerLinear)
+    row = report.replaced[0]
+    assert row.output_error is not None and row.output_error <= row.output_error_before
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+)
+def test_decompositions_on_another_device_return_to_the_model_device(device):
+    data = [torch.randn(64, 16) for _ in range(4)]
+    here, there = _mlp(), _mlp()
+    factorize_(here, 0.3, calibration=data)
+    factorize_(there, 0.3, calibration=data, sequential=Sequential(device=device))
+    for a, b in zip(here.parameters(), there.parameters()):
+        assert b.device.type == "cpu"
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_default_is_sequential_only_with_calibration_batches():
+    data = [torch.randn(64, 16) for _ in range(4)]
+    batches_report = factorize_(_mlp(), 0.3, calibration=data)
+    assert batches_report.model_output_error is not None
+    stats = calibrate(_mlp(), data)
+    stats_report = factorize_(_mlp(), 0.3, calibration=stats)
+    assert stats_report.model_output_error is None
+    assert all(row.output_error_before is None for row in stats_report.layers)
+    off = factorize_(_mlp(), 0.3, calibration=data, sequential=False)
+    assert off.model_output_error is None
+
+
+class _WithUnusedBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(16, 16)
+        self.unused = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_layers_no_batch_reaches_are_converted_without_data():
+    torch.manual_seed(0)
+    model = _WithUnusedBranch()
+    report = factorize_(model, 0.25, calibration=[torch.randn(32, 16) for _ in range(4)])
+    rows = {row.name: row for row in report.layers}
+    assert isinstance(model.unused, SVDLinear) and isinstance(model.used, SVDLinear)
+    assert rows["unused"].note == "not reached by the calibration data"
+    assert rows["unused"].output_error is None and rows["used"].output_error is not None
+
+
+def test_second_call_changes_nothing():
+    model = _mlp()
+    data = [torch.randn(32, 16) for _ in range(4)]
+    factorize_(model, 0.3, calibration=data)
+    state = copy.deepcopy(model.state_dict())
+    report = factorize_(model, 0.3, calibration=data)
+    assert len(report) == 0 and report.model_output_error is None
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name])
+
+
+def test_keyboard_interrupt_midway_leaves_the_model_unchanged(monkeypatch):
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    original = SVDLinear.from_dense.__func__
+    count = {"n": 0}
+
+    def interrupted(cls, linear, rank, *, calibration=None, **kwargs):
+        count["n"] += 1
+        if count["n"] > 8:
+            raise KeyboardInterrupt
+        return original(cls, linear, rank, calibration=calibration, **kwargs)
+
+    monkeypatch.setattr(SVDLinear, "from_dense", classmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        factorize_(model, 0.3, calibration=[torch.randn(32, 16)] * 4)
+    assert all(isinstance(m, nn.Linear) for m in (model[0], model[2], model[4]))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+class _ScaledBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, hidden, scale):
+        return torch.tanh(self.linear(hidden)) * scale
+
+
+class _PerBlockArguments(nn.Module):
+    """Blocks called with a different extra argument each (like T5's position bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_ScaledBlock() for _ in range(3))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, float(i + 1))
+        return x
+
+
+def test_blocks_called_with_different_arguments_fall_back_to_whole_model_passes():
+    torch.manual_seed(0)
+    model = _PerBlockArguments()
+    dense = copy.deepcopy(model)
+    data = [torch.randn(64, 16) for _ in range(4)]
+    exact = Sequential(holdout=0.0, compensation=(0.0,), ridges=(0.0,))
+    factorize_(model, 4, calibration=data, sequential=exact, allow_larger=True)
+    whole = copy.deepcopy(dense)
+    factorize_(
+        whole, 4, calibration=data, allow_larger=True,
+        sequential=Sequential(holdout=0.0, compensation=(0.0,), ridges=(0.0,), blocks=False),
+    )  # fmt: skip
+    for a, b in zip(model.parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="not all called with the same arguments"):
+        factorize_(copy.deepcopy(dense), 4, calibration=data,
+                   sequential=Sequential(blocks="layers"))
+
+
+def test_default_falls_back_to_one_pass_when_the_cache_would_overflow(monkeypatch):
+    import factorized_layers.convert as convert
+
+    class Tiny(Sequential):
+        def __init__(self, **kwargs):
+            super().__init__(max_cache_bytes=100, **kwargs)
+
+    monkeypatch.setattr(convert, "Sequential", Tiny)
+    model = _mlp()
+    with pytest.warns(UserWarning, match="sequential=False"):
+        report = factorize_(model, 0.3, calibration=[torch.randn(32, 16)] * 4)
+    assert len(report.replaced) == 3 and report.model_output_error is None
+
+
+def test_sensitivity_sees_outputs_before_in_place_ops():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 8)
+    in_place = nn.Sequential(layer, nn.ReLU(inplace=True), nn.Linear(8, 3))
+    out_of_place = nn.Sequential(layer, nn.ReLU(), in_place[2])
+    data = [torch.randn(64, 6) for _ in range(3)]
+    a = calibrate(in_place, data, sensitivity=True)["0"]
+    b = calibrate(out_of_place, data, sensitivity=True)["0"]
+    assert a.output_energy == pytest.approx(b.output_energy, rel=1e-6)
+    assert a.grad_sq == pytest.approx(b.grad_sq, rel=1e-6)
+
+
+def test_shared_grams_are_not_aliased_by_add():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x)
+
+    stats = calibrate(Shared(), [torch.randn(10, 4)])
+    assert stats["q"].gram is stats["k"].gram  # one tensor for equal inputs
+    before = stats["k"].gram.clone()
+    stats["q"].add(torch.randn(5, 4))
+    assert torch.equal(stats["k"].gram, before) and stats["k"].rows == 10

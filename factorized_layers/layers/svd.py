@@ -208,6 +208,7 @@ class SVDLinear(ConfigMixin, nn.Module):
         rank: RankSpec | RankPolicy,
         *,
         calibration: Calibration = None,
+        ridge: float = 1e-6,
         **svd_options: Any,
     ) -> SVDLinear:
         """Best rank-``rank`` approximation of a trained ``nn.Linear`` (truncated SVD).
@@ -229,10 +230,12 @@ class SVDLinear(ConfigMixin, nn.Module):
                 a rank policy (``Energy``, ``ErrorBound``, ``EVBMF``, ``Budget`` from
                 :mod:`factorized_layers.ranks`), evaluated on :meth:`rank_profile`.
             calibration: ``InputStats`` or an ``(in, in)`` Gram matrix, or ``None``.
+            ridge: Relative ridge of the whitening (used only with calibration, see
+                :func:`~factorized_layers.decompose.whitening_root`).
             **svd_options: Without calibration: ``method``, ``oversample``, ``n_iter``,
                 ``seed``, ``generator``, ``compute_dtype`` of
                 :func:`factorized_layers.decompose.truncated_svd`. With calibration:
-                ``ridge`` and ``compute_dtype``.
+                ``compute_dtype``.
 
         Returns:
             A new :class:`SVDLinear`; ``linear`` is left unchanged.
@@ -247,7 +250,7 @@ class SVDLinear(ConfigMixin, nn.Module):
         weight = linear.weight
         gram = _gram_of(calibration)
         if gram is not None:
-            unsupported = sorted(set(svd_options) - {"ridge", "compute_dtype"})
+            unsupported = sorted(set(svd_options) - {"compute_dtype"})
             if unsupported:
                 raise TypeError(
                     f"with calibration, from_dense takes ridge= and compute_dtype= only "
@@ -259,8 +262,7 @@ class SVDLinear(ConfigMixin, nn.Module):
             rank,
             lambda spec: resolve_matrix_rank(spec, linear.out_features, linear.in_features),
             calibration=gram,
-            # The profile must see the whitening from_dense uses.
-            **{name: value for name, value in svd_options.items() if name == "ridge"},
+            ridge=ridge,  # the profile must see the whitening from_dense uses
         )
         with torch.device("meta"):
             layer = cls(
@@ -275,7 +277,7 @@ class SVDLinear(ConfigMixin, nn.Module):
                 output_factor, input_factor = low_rank_factors(weight, rank, **svd_options)
             else:
                 output_factor, input_factor = whitened_low_rank_factors(
-                    weight, gram, rank, **svd_options
+                    weight, gram, rank, ridge=ridge, **svd_options
                 )
             layer.output_factor = trainable_like(output_factor, weight)
             layer.input_factor = trainable_like(input_factor, weight)
