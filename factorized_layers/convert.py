@@ -115,7 +115,9 @@ class LayerReport:
     """Relative output error on the calibration data (``None`` without calibration).
 
     With sequential calibration: on the held-out calibration batches, against the
-    dense model's outputs of this layer, with the inputs of the compressed model."""
+    dense model's outputs of this layer, with the inputs of the compressed model; for
+    a convolution a proxy from channel statistics that treats kernel positions as
+    independent."""
     output_error_before: float | None = None
     """Sequential calibration: the held-out output error without error compensation."""
     note: str | None = None

@@ -25,6 +25,10 @@ all, not one per layer. Under ``torch.distributed`` every statistic
 is summed over the ranks before each fit, so every rank fits the same factors from all
 ranks' data.
 
+Groups of layers are found on the first calibration batch: a layer that batch does
+not reach (an expert the router skipped, say) and no later group reaches is converted
+without data, with a note in the report.
+
 Memory, for ``T`` calibration rows (tokens) and a layer with ``n`` input features:
 
 - the block inputs of the dense and the compressed path, ``2 T d`` values for a

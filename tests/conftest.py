@@ -22,3 +22,15 @@ torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 @pytest.fixture(params=available_devices())
 def device(request):
     return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 3-block LlamaForCausalLM from a config (vocabulary 64, width 32), in eval mode."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()

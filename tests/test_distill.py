@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +12,6 @@ import torch.nn as nn
 from factorized_layers import SVDLinear, distill_, factorize_
 from factorized_layers.distill import distillation_loss
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("distill_worker.py")
 
 
 def _pair(seed: int = 0):
@@ -161,19 +154,9 @@ def test_teacher_on_another_dtype():
     assert next(student.parameters()).dtype == torch.float32
 
 
-def _tiny_llama():
-    transformers = pytest.importorskip("transformers", reason="needs transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("mode", ["global", "local"])
-def test_transformer_heals_globally_and_block_by_block(mode):
-    teacher = _tiny_llama()
+def test_transformer_heals_globally_and_block_by_block(mode, tiny_llama):
+    teacher = tiny_llama
     student = copy.deepcopy(teacher)
     g = torch.Generator().manual_seed(0)
     data = [
@@ -194,46 +177,13 @@ def test_local_mode_needs_blocks():
 
 
 def test_ddp_two_gloo_processes_match_one_process_on_the_whole_batches(tmp_path):
-    from .distill_worker import distill
+    from .gloo_tasks import distill_pair, distill_task, run_on_two_processes
 
-    out = tmp_path / "distilled.pt"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pythonpath = os.environ.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(out), "--port", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), pythonpath]))},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
-    single = distill()
-    start, _ = __import__("tests.distill_worker", fromlist=["build_pair"]).build_pair()
-    initial = dict(start.named_parameters())
+    ranks = run_on_two_processes("distill", tmp_path / "distilled.pt")
+    single = distill_task()
+    initial = dict(distill_pair()[0].named_parameters())
     for name, value in single.items():
         torch.testing.assert_close(ranks[1][name], ranks[0][name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-9, atol=1e-9, msg=name)
         if name.endswith("_factor"):
             assert not torch.equal(value, initial[name].detach()), f"{name} did not train"
-
-
-def test_curve_evaluations_are_kept_off_the_budget():
-    student, teacher = _pair()
-    data = _data()
-
-    def slow_evaluation(model):
-        time.sleep(0.2)
-        return float(distillation_loss(model(data[0]), teacher(data[0])))
-
-    report = distill_(
-        student, teacher, data, time_budget=0.3, lr=1e-2, evaluate=slow_evaluation,
-        eval_every=0.1,
-    )  # fmt: skip
-    assert len(report.curve) >= 3
-    seconds = [point[0] for point in report.curve]
-    assert seconds == sorted(seconds) and seconds[0] == pytest.approx(0.0, abs=0.05)
-    assert report.seconds < 0.3 + 0.2  # the evaluations (0.2 s each) are not counted
-    assert report.curve[-1][2] < report.curve[0][2]

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +19,6 @@ from factorized_layers.sequential import (
     held_out_error,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("calibration_worker.py")
 EXACT = Sequential(holdout=0.0, compensation=(1.0,), ridges=(0.0,), blocks=False)
 
 
@@ -164,18 +157,8 @@ def test_cnn_with_cp_convolutions():
     assert report.model_output_error is not None
 
 
-def _tiny_llama():
-    transformers = pytest.importorskip("transformers", reason="needs transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def test_tiny_transformer_blocks_are_processed_in_order():
-    model = _tiny_llama()
+def test_tiny_transformer_blocks_are_processed_in_order(tiny_llama):
+    model = tiny_llama
     dense = copy.deepcopy(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert find_blocks(model, names, None) == [f"model.layers.{i}" for i in range(3)]
@@ -196,8 +179,8 @@ def test_tiny_transformer_blocks_are_processed_in_order():
         assert not torch.equal(logits, dense(input_ids=ids).logits)
 
 
-def test_named_blocks_and_bad_options():
-    model = _tiny_llama()
+def test_named_blocks_and_bad_options(tiny_llama):
+    model = tiny_llama
     data = [{"input_ids": torch.randint(0, 64, (2, 8))} for _ in range(2)]
     with pytest.raises(ValueError, match="not an nn.ModuleList"):
         factorize_(model, 0.5, exclude=["lm_head"], calibration=data,
@@ -286,23 +269,10 @@ def test_sensitive_budget_protects_the_layer_the_output_depends_on():
 
 
 def test_two_gloo_processes_match_one_process_on_the_union(tmp_path):
-    from .calibration_worker import batches, build_model, convert
+    from .gloo_tasks import calibrate_task, run_on_two_processes
 
-    out = tmp_path / "distributed.pt"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pythonpath = os.environ.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(out), "--port", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), pythonpath]))},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
-    single = convert(build_model(), batches())
+    ranks = run_on_two_processes("calibrate", tmp_path / "calibrated.pt")
+    single = calibrate_task()
     assert ranks[0].keys() == ranks[1].keys() == single.keys()
     assert any(key.endswith("input_factor") for key in single)
     for key, value in single.items():
