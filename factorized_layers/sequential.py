@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
 import numbers
 from typing import Any, Callable, Dict, List, Sequence, Tuple
