@@ -570,16 +570,8 @@ def factorize_(
     rows, swaps = [], []
     for fqn, module, layer_cls, spec, layer_options, row in _progress(plans, show):
         if row.skipped is None:
-            try:
-                layer = layer_cls.from_dense(module, spec, **layer_options)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{fqn} ({type(module).__name__}): {exc}") from exc
-            # The meta plan can differ from the real layer (e.g. Tucker picks its
-            # tensorization from the values): apply the saving rule to what was built.
-            reason = None if allow_larger else _no_saving_reason(layer, module, row)
-            if reason is not None:
-                row.skipped = reason
-            else:
+            layer = _build(fqn, module, module, layer_cls, spec, layer_options, row, allow_larger)
+            if layer is not None:
                 _fill_converted_row(row, module, layer, stats.get(fqn))
                 if calibration is not None and "calibration" not in layer_options:
                     row.note = (
@@ -609,6 +601,33 @@ def _floored(sensitivities: List[float | None]) -> List[float] | None:
         return None
     floor = 1e-3 * positive[len(positive) // 2]
     return [max(w, floor) for w in sensitivities]
+
+
+def _build(
+    fqn: str,
+    module: nn.Module,
+    source: nn.Module,
+    layer_cls: type,
+    spec: Any,
+    options: Dict[str, Any],
+    row: LayerReport,
+    allow_larger: bool,
+) -> nn.Module | None:
+    """``layer_cls.from_dense(source, ...)`` for the target ``module``, or ``None``.
+
+    Errors name the layer. The meta plan can differ from the real layer (e.g. Tucker
+    picks its tensorization from the values), so the saving rule is applied to what
+    was built: a layer that saves nothing is not returned and ``row`` says why.
+    """
+    try:
+        layer = layer_cls.from_dense(source, spec, **options)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{fqn} ({type(module).__name__}): {exc}") from exc
+    reason = None if allow_larger else _no_saving_reason(layer, module, row)
+    if reason is not None:
+        row.skipped = reason
+        return None
+    return layer
 
 
 def _check_sequential(
@@ -663,15 +682,8 @@ def _convert_sequentially(
         def build(
             source: nn.Module, stats: InputStats | None, ridge: Dict[str, Any]
         ) -> nn.Module | None:
-            try:
-                layer = layer_cls.from_dense(source, spec, calibration=stats, **options, **ridge)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{fqn} ({type(module).__name__}): {exc}") from exc
-            reason = None if allow_larger else _no_saving_reason(layer, module, row)
-            if reason is not None:
-                row.skipped = reason
-                return None
-            return layer
+            build_options = dict(options, calibration=stats, **ridge)
+            return _build(fqn, module, source, layer_cls, spec, build_options, row, allow_larger)
 
         return build, (lambda r: {} if ridge_name is None else {ridge_name: r})
 
