@@ -2,13 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from factorized_layers.ranks import (
-    dense_linear_flops,
-    low_rank_break_even,
-    low_rank_linear_flops,
-    low_rank_params,
-    resolve_matrix_rank,
-)
+from factorized_layers.ranks import low_rank_params, resolve_matrix_rank
 
 
 @given(rows=st.integers(1, 5000), cols=st.integers(1, 5000), fraction=st.floats(1e-6, 1.0))
@@ -20,18 +14,6 @@ def test_float_rank_is_largest_within_budget(rows, cols, fraction):
         assert low_rank_params(rows, cols, rank) <= budget * (1 + 1e-9)
     if rank < min(rows, cols):
         assert low_rank_params(rows, cols, rank + 1) > budget
-
-
-@given(rows=st.integers(1, 3000), cols=st.integers(1, 3000))
-def test_break_even_is_largest_rank_that_saves(rows, cols):
-    r = low_rank_break_even(rows, cols)
-    assert low_rank_params(rows, cols, r) < rows * cols
-    assert low_rank_params(rows, cols, r + 1) >= rows * cols
-
-
-def test_flop_counts():
-    assert dense_linear_flops(1536, 384, 8) == 8 * 1536 * 384
-    assert low_rank_linear_flops(1536, 384, 10, 8) == 8 * 10 * (1536 + 384)
 
 
 def test_int_rank_bounds_and_types():
