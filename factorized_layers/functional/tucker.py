@@ -1,8 +1,10 @@
-"""Stateless forward kernels of the factorized layers.
+"""Tucker linear kernel: the input viewed as ``(*, *in_shape)``, one planned contraction.
 
-Each kernel takes the input and the layer's factors and returns what the dense
-layer would, without ever materialising the dense weight unless the planned
-contraction order says that is cheaper.
+:func:`tucker_plan` fixes what depends on shapes and ranks only (merged folded
+modes, the batch-independent schedule choice); :func:`tucker_linear_input_first`
+picks, per batch size, between the factor chain (input first) and building the
+dense weight (:func:`tucker_dense_weight`) first; :func:`tucker_linear` runs the
+chosen schedule.
 """
 
 from __future__ import annotations
@@ -15,88 +17,17 @@ import opt_einsum
 import torch
 import torch.nn.functional as F
 
-from .contract import contraction_path
-from .ranks import dense_linear_flops, low_rank_break_even, low_rank_linear_flops
+from ..contract import contraction_path
 
-__all__ = ["svd_linear", "svd_linear_input_first"]
-
-SVD_LINEAR_EQUATION = "bi,ri,or->bo"
-
-
-def svd_linear_input_first(batch: int, in_features: int, out_features: int, rank: int) -> bool:
-    """Whether ``x @ A.T @ B.T`` (input first) beats ``x @ (B @ A).T`` (weight first).
-
-    The order is what opt_einsum plans for ``"bi,ri,or->bo"`` on these shapes. When
-    the rank saves parameters (``rank <= rows * cols / (rows + cols)``) input-first
-    is cheaper for every batch size, so the answer is known without planning; above
-    that break-even the cached opt_einsum plan for this batch size decides. Under
-    ``torch.compile`` (where the batch size may be symbolic and the cache's lock
-    cannot be traced) the same choice is made by comparing multiply-accumulate
-    counts, which dynamo turns into a shape guard instead of a graph break.
-
-    Examples:
-        >>> svd_linear_input_first(1, 1536, 384, 64)
-        True
-        >>> svd_linear_input_first(4096, 384, 384, 384)
-        False
-    """
-    if rank <= low_rank_break_even(out_features, in_features) or batch == 0:
-        return True
-    if torch.compiler.is_compiling():
-        input_first = low_rank_linear_flops(in_features, out_features, rank, batch)
-        weight_first = rank * in_features * out_features + dense_linear_flops(
-            in_features, out_features, batch
-        )
-        return input_first <= weight_first
-    path = contraction_path(
-        SVD_LINEAR_EQUATION, (batch, in_features), (rank, in_features), (out_features, rank)
-    )
-    return path[0] == (0, 1)
-
-
-def svd_linear(
-    input: torch.Tensor,
-    input_factor: torch.Tensor,
-    output_factor: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``F.linear(input, output_factor @ input_factor, bias)`` as two GEMMs.
-
-    Args:
-        input: ``(*, in_features)``.
-        input_factor: ``(rank, in_features)``.
-        output_factor: ``(out_features, rank)``.
-        bias: ``(out_features,)`` or ``None``.
-
-    Returns:
-        ``(*, out_features)``.
-
-    Raises:
-        ValueError: If the last input dimension is not ``in_features``.
-
-    Examples:
-        >>> x, A, B = torch.randn(5, 8), torch.randn(2, 8), torch.randn(3, 2)
-        >>> torch.allclose(svd_linear(x, A, B), x @ (B @ A).T, atol=1e-6)
-        True
-    """
-    rank, in_features = input_factor.shape
-    check_linear_input(input, in_features)
-    out_features = output_factor.shape[0]
-    batch = input.numel() // in_features
-    if svd_linear_input_first(batch, in_features, out_features, rank):
-        return F.linear(F.linear(input, input_factor), output_factor, bias)
-    return F.linear(input, output_factor @ input_factor, bias)
-
-
-def check_linear_input(input: torch.Tensor, in_features: int) -> None:
-    """``ValueError`` unless ``input`` has shape ``(*, in_features)``."""
-    if input.dim() == 0 or input.shape[-1] != in_features:
-        raise ValueError(f"expected input of shape (*, {in_features}), got {tuple(input.shape)}")
-
-
-# ---------------------------------------------------------------------------
-# Tucker linear: input viewed as (*, *in_shape), one planned contraction
-# ---------------------------------------------------------------------------
+__all__ = [
+    "TuckerPlan",
+    "tucker_plan",
+    "tucker_schedule_costs",
+    "tucker_linear",
+    "tucker_dense_weight",
+    "tucker_linear_equation",
+    "tucker_linear_input_first",
+]
 
 
 def _tucker_structure(core: torch.Tensor, out_factors, in_factors):
@@ -226,6 +157,7 @@ def tucker_linear_input_first(plan: TuckerPlan, batch: int) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def _eager_input_first(plan: TuckerPlan, batch: int) -> bool:
+    """:func:`tucker_linear_input_first` outside ``torch.compile``: cost model, then opt_einsum."""
     input_first, weight_first = tucker_schedule_costs(plan, batch)
     if input_first > weight_first:
         return False
@@ -355,6 +287,7 @@ class TuckerPlan(NamedTuple):
 
 
 def _merge(shape, ranks) -> Tuple[Tuple[int, int, int], ...]:
+    """``(size, rank, factor index or -1)`` per mode, runs of folded modes merged into one."""
     merged: list = []
     for k, (n, r) in enumerate(zip(shape, ranks)):
         if r == n and merged and merged[-1][2] == -1:
@@ -365,6 +298,7 @@ def _merge(shape, ranks) -> Tuple[Tuple[int, int, int], ...]:
 
 
 def _build_plan(out_shape, in_shape, out_ranks, in_ranks) -> TuckerPlan:
+    """The uncached :class:`TuckerPlan` of these mode sizes and ranks."""
     in_features, out_features = math.prod(in_shape), math.prod(out_shape)
     plan = TuckerPlan(
         tuple(out_shape),
@@ -422,6 +356,7 @@ def tucker_plan(out_shape, in_shape, out_ranks, in_ranks) -> TuckerPlan:
 
 
 def _pick(factors, modes):
+    """The factor of each merged mode (``None`` for a folded one)."""
     return [None if index < 0 else factors[index] for _, _, index in modes]
 
 
@@ -438,6 +373,7 @@ def _mode_product(t: torch.Tensor, factor: torch.Tensor, pre: int, size: int, po
 
 
 def _planned_dense_weight(plan: TuckerPlan, core, out_factors, in_factors) -> torch.Tensor:
+    """The ``(out_features, in_features)`` weight, built mode by mode along ``plan``."""
     # Every mode keeps its place (input modes on the core's columns first, while the
     # tensor is smallest, then output modes with the input features trailing), so the
     # weight comes out in (out, in) order without rotations.
@@ -510,28 +446,38 @@ def tucker_linear(
     in_features = plan.in_features
     if input.dim() == 0 or input.shape[-1] != in_features:
         raise ValueError(f"expected input of shape (*, {in_features}), got {tuple(input.shape)}")
-    out_modes, in_modes = plan.out_modes, plan.in_modes
     batch = input.numel() // in_features
-    if len(out_modes) == 1 and len(in_modes) == 1:
-        # One (merged) mode per side: U G V^T as chained F.linear calls.
-        matrix = core if core.dim() == 2 else core.reshape(plan.rows, plan.columns)
-        u = None if out_modes[0][2] < 0 else out_factors[out_modes[0][2]]
-        v = None if in_modes[0][2] < 0 else in_factors[in_modes[0][2]]
-        if u is None and v is None:
-            return F.linear(input, matrix, bias)
-        if not (plan.always_input_first or _input_first(plan, batch)):
-            return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
-        h = input if v is None else torch.matmul(input, v)
-        if u is None:
-            return F.linear(h, matrix, bias)
-        return F.linear(F.linear(h, matrix), u, bias)
+    if len(plan.out_modes) == 1 and len(plan.in_modes) == 1:
+        return _single_mode_linear(input, batch, plan, core, out_factors, in_factors, bias)
     if not (plan.always_input_first or _input_first(plan, batch)):
         return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
     if batch * plan.small_products_per_row <= _IN_PLACE_MAX_PRODUCTS:
         return _modes_in_place(input, batch, plan, core, out_factors, in_factors, bias)
+    return _rotation_chain(input, batch, plan, core, out_factors, in_factors, bias)
+
+
+def _single_mode_linear(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
+    """One (merged) mode per side: ``U G V^T`` as chained ``F.linear`` calls, or weight first."""
+    out_modes, in_modes = plan.out_modes, plan.in_modes
+    matrix = core if core.dim() == 2 else core.reshape(plan.rows, plan.columns)
+    u = None if out_modes[0][2] < 0 else out_factors[out_modes[0][2]]
+    v = None if in_modes[0][2] < 0 else in_factors[in_modes[0][2]]
+    if u is None and v is None:
+        return F.linear(input, matrix, bias)
+    if not (plan.always_input_first or _input_first(plan, batch)):
+        return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
+    h = input if v is None else torch.matmul(input, v)
+    if u is None:
+        return F.linear(h, matrix, bias)
+    return F.linear(F.linear(h, matrix), u, bias)
+
+
+def _rotation_chain(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
+    """Input first with rotations: input modes to the front, the core GEMM, output modes to the end."""
+    out_modes, in_modes = plan.out_modes, plan.in_modes
     lead = input.shape[:-1]
     if len(in_modes) == 1 and in_modes[0][2] < 0:
-        t = input.reshape(batch, in_features).mT  # (S, B) as a view: no copy
+        t = input.reshape(batch, plan.in_features).mT  # (S, B) as a view: no copy
     else:
         t = _end_to_front(
             input,
@@ -600,392 +546,6 @@ def _modes_in_place(input, batch: int, plan: TuckerPlan, core, out_factors, in_f
 
 
 def _input_first(plan: TuckerPlan, batch) -> bool:
+    """:func:`tucker_linear_input_first`, as the dispatch in :func:`tucker_linear` calls it."""
     return tucker_linear_input_first(plan, batch)
 
-
-__all__ += [
-    "TuckerPlan",
-    "tucker_plan",
-    "tucker_schedule_costs",
-    "tucker_linear",
-    "tucker_dense_weight",
-    "tucker_linear_equation",
-    "tucker_linear_input_first",
-]
-
-
-# ---------------------------------------------------------------------------
-# CP convolution: in -> rank contraction, depthwise spatial filtering, rank -> out
-# ---------------------------------------------------------------------------
-
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_DEPTHWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def conv_tuple(value, n: int, name: str, minimum: int = 1) -> tuple:
-    """``value`` as an ``n``-tuple of ints ``>= minimum`` (``int`` values are repeated).
-
-    Raises:
-        ValueError: Wrong arity, non-integers, or values below ``minimum``.
-
-    Examples:
-        >>> conv_tuple(3, 2, "kernel_size")
-        (3, 3)
-        >>> conv_tuple((1, 2), 2, "stride")
-        (1, 2)
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
-    try:
-        items = (value,) * n if isinstance(value, int) else tuple(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}") from None
-    if len(items) != n or any(isinstance(v, bool) or not isinstance(v, int) for v in items):
-        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
-    if any(v < minimum for v in items):
-        raise ValueError(f"{name} values must be >= {minimum}, got {value!r}")
-    return tuple(int(v) for v in items)
-
-
-def conv_padding_pairs(padding, kernel_size, dilation, stride=1) -> tuple:
-    """Per-dimension ``(before, after)`` input padding of a convolution, as ``F.conv2d``.
-
-    ``'valid'`` is no padding; ``'same'`` pads ``dilation * (kernel - 1)`` in total,
-    ``total // 2`` before and the rest after (the extra element of an even kernel
-    goes at the end, exactly as ``F.conv2d(..., padding='same')``); an int or tuple
-    pads symmetrically.
-
-    Raises:
-        ValueError: Unknown string, wrong arity, negative padding, or ``'same'``
-            with a stride other than 1 (as ``nn.Conv2d``).
-
-    Examples:
-        >>> conv_padding_pairs("same", (4, 3), (1, 2))
-        ((1, 2), (2, 2))
-        >>> conv_padding_pairs((1, 0), (3, 3), (1, 1))
-        ((1, 1), (0, 0))
-    """
-    n = len(kernel_size)
-    if isinstance(padding, str):
-        if padding == "valid":
-            return ((0, 0),) * n
-        if padding == "same":
-            if any(s != 1 for s in conv_tuple(stride, n, "stride")):
-                raise ValueError(
-                    "padding='same' is not supported for strided convolutions, "
-                    f"got stride={stride!r}"
-                )
-            totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
-            return tuple((t // 2, t - t // 2) for t in totals)
-        raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
-    return tuple((p, p) for p in conv_tuple(padding, n, "padding", minimum=0))
-
-
-def cp_conv_separable(kernel_size) -> bool:
-    """Whether the depthwise step runs as one 1-D pass per spatial dimension.
-
-    The merged kernel (outer product of the spatial factors) costs ``prod(kernel)``
-    multiply-adds per channel and pixel in one pass; the separable form costs
-    ``sum(kernel)`` in one pass per dimension. Measured on 2 shared CPU cores
-    (channels-last depthwise convolutions, ranks 14-66, 14x14 to 56x56 images,
-    ``benchmarks/bench_cp_conv2d.py --depthwise``), separable/merged time was
-    1.2-2.0 at 3x3 and 5x5, 0.80-0.84 at 7x7, 0.50-0.61 at 9x9 and 0.30-0.42 at
-    11x11; 7x5 (1.06-1.10) and 3x9 (0.97-1.06) were ties. The rule
-    ``prod(kernel) > 3 * sum(kernel)`` (with two or more non-trivial dimensions)
-    puts the crossover between 5x5 and 7x7 and keeps the ties merged (one pass).
-
-    Examples:
-        >>> cp_conv_separable((5, 5)), cp_conv_separable((7, 5)), cp_conv_separable((7, 7))
-        (False, False, True)
-    """
-    kernel = tuple(kernel_size)
-    if sum(k > 1 for k in kernel) < 2:
-        return False
-    return math.prod(kernel) > 3 * sum(kernel)
-
-
-def cp_merged_kernel(spatial_factors) -> torch.Tensor:
-    """The ``(rank, 1, *kernel_size)`` depthwise kernel: outer products of the factors.
-
-    Examples:
-        >>> cp_merged_kernel([torch.ones(3, 2), torch.ones(5, 2)]).shape
-        torch.Size([2, 1, 3, 5])
-    """
-    kernel = spatial_factors[0].T
-    rank = kernel.shape[0]
-    for factor in spatial_factors[1:]:
-        shape = (rank,) + (1,) * (kernel.dim() - 1) + (factor.shape[0],)
-        kernel = kernel.unsqueeze(-1) * factor.T.reshape(shape)
-    return kernel.unsqueeze(1)
-
-
-_BATCHED_GEMM_MIN_MACS = 1 << 17
-"""Multiply-adds per image from which :func:`cp_convnd` reads an NCHW input by one
-batched GEMM over the images (no copy) rather than copying it into one tall GEMM.
-Measured on 2 CPU threads: at 64->128, rank 37, 32x32 (2.4 M per image) the batched
-GEMM saved the 4 MB copy; at 1 -> 32 channels, rank 6 on 8x8 digits (384 per image,
-360 images) it was 4.3x slower, each image's GEMM costing more in overhead than work;
-at 32x8x8 to rank 16 (33 K) the two were even."""
-
-_BIAS_CHANNEL_MIN_OUTPUT = 1 << 20
-"""Output elements from which :func:`cp_convnd` carries the bias as an extra rank
-channel instead of adding it to the output afterwards (a pass over the output).
-Measured on 2 CPU threads with glibc's heap pinned (``MALLOC_MMAP_THRESHOLD_``) so
-that allocation did not dominate: at 64->128, 32x32, batch 16 (2 M output elements)
-the channel took 0.84x (rank 37) and 0.96x (rank 93) of the time on NCHW input,
-0.91x and 0.98x on channels_last; at 256->256, 14x14, batch 8 (0.4 M elements, in
-cache) it took 1.02--1.08x."""
-
-
-def _output_pixels(spatial, pads, kernel_size, stride, dilation) -> int:
-    """Output positions of a convolution with these (already resolved) options."""
-    pixels = 1
-    for size, (before, after), k, s, d in zip(spatial, pads, kernel_size, stride, dilation):
-        pixels *= (size + before + after - d * (k - 1) - 1) // s + 1
-    return pixels
-
-
-def cp_convnd(
-    input: torch.Tensor,
-    out_channel_factor: torch.Tensor,
-    in_channel_factor: torch.Tensor,
-    spatial_factors,
-    bias: torch.Tensor | None = None,
-    stride=1,
-    padding=0,
-    dilation=1,
-    padding_mode: str = "zeros",
-    separable: bool | None = None,
-) -> torch.Tensor:
-    """N-d convolution with a CP kernel, never building the dense kernel.
-
-    ``weight[o, i, k_1, ..., k_n] = sum_r out[o, r] * in[i, r] * s_1[k_1, r] * ...``.
-    Three steps:
-
-    1. ``in -> rank``: one GEMM over the channel dimension whose output is laid out
-       channels-last, ``(N, *spatial, rank)``; an NCHW input with enough work per
-       image (:data:`_BATCHED_GEMM_MIN_MACS`) is read through a transposed view by a
-       batched GEMM (``matmul`` would copy it first). Measured as fast as or
-       faster than a 1x1 ``F.conv2d`` (up to 4x on NCHW input) and the equivalent
-       opt_einsum contraction (up to 2x), ``benchmarks/bench_cp_conv2d.py
-       --contraction``.
-    2. Depthwise filtering with ``groups=rank``: the merged kernel
-       (:func:`cp_merged_kernel`), or one 1-D pass per dimension when
-       :func:`cp_conv_separable` says so (or ``separable=True``). Stride, dilation
-       and padding are those of ``F.conv2d``: the padding (any ``padding_mode``, and
-       the asymmetric part of ``'same'`` for even kernels) is applied to the
-       ``rank``-channel tensor with ``F.pad`` like ``nn.Conv2d`` pads its input --
-       it commutes with the per-pixel channel contraction and is cheaper there.
-       Channels-last depthwise convolutions ran 2-9x faster than NCHW ones on CPU.
-    3. ``rank -> out``: one GEMM written straight into the output's memory
-       format: NCHW-contiguous for a contiguous input, channels-last for a
-       channels-last input -- what ``nn.Conv2d`` returns. The bias enters the
-       last GEMM (``baddbmm`` / ``F.linear``, which first copy it into the whole
-       output) or, for outputs of :data:`_BIAS_CHANNEL_MIN_OUTPUT` elements or
-       more, rides along as one more rank channel that is 1 after step 2.
-
-    Large temporaries matter on CPU beyond their copies: glibc serves big blocks by
-    ``mmap``, and every call then pays page faults on fresh memory. With the heap
-    pinned (``MALLOC_MMAP_THRESHOLD_``) the NCHW path at 64->128, rank 37, 32x32,
-    batch 16 took 1.48 ms against 1.62 ms for the previous copy-then-GEMM form;
-    under the default allocator the previous form measured 2.1--7.0 ms.
-
-    Args:
-        input: ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``.
-        out_channel_factor: ``(C_out, rank)``.
-        in_channel_factor: ``(C_in, rank)``.
-        spatial_factors: One ``(k_d, rank)`` factor per spatial dimension (1 to 3).
-        bias: ``(C_out,)`` or ``None``.
-        stride: ``int`` or tuple of ``n`` ints.
-        padding: ``int``, tuple of ``n`` ints, ``'same'`` or ``'valid'``.
-        dilation: ``int`` or tuple of ``n`` ints.
-        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
-        separable: Force (``True``) or forbid (``False``) the separable depthwise
-            passes; ``None`` applies :func:`cp_conv_separable`.
-
-    Returns:
-        The convolution, ``(N, C_out, *out_spatial)`` (or unbatched).
-
-    Raises:
-        ValueError: Wrong input rank or channel count, bad stride/padding/dilation
-            arity or values, unknown ``padding_mode``.
-        TypeError: A bias whose dtype differs from the factors'.
-
-    Examples:
-        >>> x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
-        >>> out, inp = torch.randn(6, 3, dtype=x.dtype), torch.randn(4, 3, dtype=x.dtype)
-        >>> h, w = torch.randn(3, 3, dtype=x.dtype), torch.randn(3, 3, dtype=x.dtype)
-        >>> weight = torch.einsum("or,ir,hr,wr->oihw", out, inp, h, w)
-        >>> y = cp_convnd(x, out, inp, (h, w), stride=2, padding=1)
-        >>> torch.allclose(y, F.conv2d(x, weight, stride=2, padding=1))
-        True
-    """
-    spatial_factors = tuple(spatial_factors)
-    n = len(spatial_factors)
-    if n not in _DEPTHWISE_CONV:
-        raise ValueError(f"expected 1 to 3 spatial factors, got {n}")
-    in_channels, rank = in_channel_factor.shape
-    if input.dim() not in (n + 1, n + 2) or input.shape[-n - 1] != in_channels:
-        raise ValueError(
-            f"expected input of shape (N, {in_channels}, *spatial) or ({in_channels}, *spatial) "
-            f"with {n} spatial dimension(s), got {tuple(input.shape)}"
-        )
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    kernel_size = tuple(f.shape[0] for f in spatial_factors)
-    stride = conv_tuple(stride, n, "stride")
-    dilation = conv_tuple(dilation, n, "dilation")
-    pads = conv_padding_pairs(padding, kernel_size, dilation, stride)
-    if separable is None:
-        separable = cp_conv_separable(kernel_size)
-
-    unbatched = input.dim() == n + 1
-    if unbatched:
-        input = input.unsqueeze(0)
-    batch, spatial = input.shape[0], tuple(input.shape[2:])
-    channels_last = not input.is_contiguous() and input.movedim(1, -1).is_contiguous()
-    out_channels = out_channel_factor.shape[0]
-    if bias is not None and bias.dtype != out_channel_factor.dtype:
-        raise TypeError(
-            f"bias dtype {bias.dtype} differs from the factors' dtype {out_channel_factor.dtype}"
-        )
-    depthwise_bias = None
-    if (
-        bias is not None
-        and batch * out_channels * _output_pixels(spatial, pads, kernel_size, stride, dilation)
-        >= _BIAS_CHANNEL_MIN_OUTPUT
-    ):
-        # The bias rides along as one more rank channel: zero after step 1 (zero
-        # column), 1 after step 2 (zero kernel, depthwise bias 1), weighted by the
-        # bias in step 3's GEMM. No pass over the whole output adds it afterwards.
-        depthwise_bias = torch.cat(
-            [in_channel_factor.new_zeros(rank), in_channel_factor.new_ones(1)]
-        )
-        in_channel_factor = torch.cat(
-            [in_channel_factor, in_channel_factor.new_zeros(in_channels, 1)], 1
-        )
-        spatial_factors = tuple(
-            torch.cat([f, f.new_zeros(f.shape[0], 1)], 1) for f in spatial_factors
-        )
-        out_channel_factor = torch.cat([out_channel_factor, bias.reshape(out_channels, 1)], 1)
-        rank, bias = rank + 1, None
-
-    # 1. in -> rank, written as (N, *spatial, rank).
-    if channels_last:
-        hidden = torch.matmul(input.movedim(1, -1), in_channel_factor)
-    else:
-        columns = input.flatten(2).transpose(1, 2)
-        if math.prod(spatial) * in_channels * rank >= _BATCHED_GEMM_MIN_MACS:
-            # bmm reads the transposed (N, pixels, C_in) view in place; matmul would
-            # first copy it to fold the batch into the rows.
-            hidden = torch.bmm(columns, in_channel_factor.expand(batch, in_channels, rank))
-        else:
-            hidden = torch.matmul(columns, in_channel_factor)
-        hidden = hidden.view((batch,) + spatial + (rank,))
-    hidden = hidden.movedim(-1, 1)
-
-    # 2. Depthwise filtering with groups=rank.
-    if padding_mode != "zeros" or any(before != after for before, after in pads):
-        flat = [p for pair in reversed(pads) for p in pair]
-        mode = "constant" if padding_mode == "zeros" else padding_mode
-        hidden = F.pad(hidden, flat, mode=mode)
-        conv_padding = (0,) * n
-    else:
-        conv_padding = tuple(before for before, _ in pads)
-    conv = _DEPTHWISE_CONV[n]
-    if separable:
-        for d, factor in enumerate(spatial_factors):
-            shape = [1] * n
-            shape[d] = factor.shape[0]
-            step, dil, pad = [1] * n, [1] * n, [0] * n
-            step[d], dil[d], pad[d] = stride[d], dilation[d], conv_padding[d]
-            kernel = factor.T.reshape([rank, 1] + shape)
-            last = d == n - 1
-            hidden = conv(hidden, kernel, depthwise_bias if last else None, tuple(step),
-                          tuple(pad), tuple(dil), rank)  # fmt: skip
-    else:
-        kernel = cp_merged_kernel(spatial_factors)
-        hidden = conv(hidden, kernel, depthwise_bias, stride, conv_padding, dilation, rank)
-
-    # 3. rank -> out, in the memory format nn.Conv2d would return.
-    out_spatial = tuple(hidden.shape[2:])
-    rows = hidden.movedim(1, -1)
-    if channels_last:
-        output = F.linear(rows, out_channel_factor, bias).movedim(-1, 1)
-    else:
-        columns = rows.reshape(batch, -1, rank).transpose(1, 2)
-        factor = out_channel_factor.expand(batch, out_channels, rank)
-        if bias is None:
-            output = torch.bmm(factor, columns)
-        else:
-            # A small output: the bias channel costs more kernel calls than baddbmm's
-            # copy of the broadcast bias into the output.
-            output = torch.baddbmm(bias.view(1, out_channels, 1), factor, columns)
-        output = output.view((batch, out_channels) + out_spatial)
-    return output.squeeze(0) if unbatched else output
-
-
-def cp_conv2d(
-    input: torch.Tensor,
-    out_channel_factor: torch.Tensor,
-    in_channel_factor: torch.Tensor,
-    height_factor: torch.Tensor,
-    width_factor: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride=1,
-    padding=0,
-    dilation=1,
-    padding_mode: str = "zeros",
-    separable: bool | None = None,
-) -> torch.Tensor:
-    """2-D convolution with a CP kernel: :func:`cp_convnd` with two spatial factors.
-
-    Equals ``F.conv2d(input, weight, bias, stride, padding, dilation)`` (after
-    ``F.pad`` in ``padding_mode`` when it is not ``'zeros'``) with
-    ``weight = einsum("or,ir,hr,wr->oihw", out_channel_factor, in_channel_factor,
-    height_factor, width_factor)``.
-
-    Args:
-        input: ``(N, C_in, H, W)`` or ``(C_in, H, W)``.
-        out_channel_factor: ``(C_out, rank)``.
-        in_channel_factor: ``(C_in, rank)``.
-        height_factor: ``(kH, rank)``.
-        width_factor: ``(kW, rank)``.
-        bias: ``(C_out,)`` or ``None``.
-        stride: As ``F.conv2d``.
-        padding: As ``F.conv2d`` (``int``, pair, ``'same'``, ``'valid'``).
-        dilation: As ``F.conv2d``.
-        padding_mode: As ``nn.Conv2d``.
-        separable: See :func:`cp_convnd`.
-
-    Returns:
-        ``(N, C_out, H_out, W_out)`` (or unbatched).
-
-    Examples:
-        >>> x = torch.randn(1, 4, 8, 8)
-        >>> factors = [torch.randn(n, 2) for n in (5, 4, 2, 3)]
-        >>> cp_conv2d(x, *factors, padding="same").shape
-        torch.Size([1, 5, 8, 8])
-    """
-    return cp_convnd(
-        input,
-        out_channel_factor,
-        in_channel_factor,
-        (height_factor, width_factor),
-        bias,
-        stride,
-        padding,
-        dilation,
-        padding_mode,
-        separable,
-    )
-
-
-__all__ += [
-    "conv_padding_pairs",
-    "conv_tuple",
-    "cp_conv2d",
-    "cp_conv_separable",
-    "cp_convnd",
-    "cp_merged_kernel",
-]
