@@ -8,24 +8,23 @@ Importing this package does not initialise CUDA and changes no global state.
 from . import contract, decompose, functional, ranks
 from .calibrate import InputStats, calibrate
 from .checkpoint import factorization_plan, load_factorized, save_factorized
-from .convert import (
-    FactorizationReport,
-    LayerReport,
-    factorize_,
-    register_layer,
-    truncate_,
-    unfactorize_,
-)
+from .convert import FactorizationReport, LayerReport, factorize_, truncate_, unfactorize_
 from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
 from .distill import DistillReport, distill_
-from .layers import CPConv2d, SVDLinear, TuckerLinear
+from .layers import CPConv1d, CPConv2d, CPConv3d, FactorizedLayer, SVDLinear, TuckerLinear
+from .registry import Capabilities, register_layer, registered_layers
 from .ranks import EVBMF, Budget, Energy, ErrorBound, RankProfile, RankSpec, resolve_matrix_rank
 from .sequential import Sequential
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CPConv1d",
     "CPConv2d",
+    "CPConv3d",
+    "FactorizedLayer",
+    "Capabilities",
+    "registered_layers",
     "SVDLinear",
     "TuckerLinear",
     "factorize_",

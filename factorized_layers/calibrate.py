@@ -6,7 +6,7 @@ targeted ``nn.Linear``, the input second-moment matrix ``G = sum_t x_t x_t^T`` (
 (:func:`factorized_layers.decompose.whitened_low_rank_factors`) then minimises the
 layer's output error on that data instead of its weight error, and whitened Tucker
 (:func:`factorized_layers.decompose.whitened_tucker`) approximately so. For every
-targeted ``nn.Conv2d`` it accumulates the Gram matrix of the input *channels* over every
+targeted convolution (``nn.Conv1d/2d/3d``) it accumulates the Gram matrix of the input *channels* over every
 batch element and spatial position (float64, ``in_channels x in_channels``, so memory
 does not grow with the kernel size or the image size), which
 :func:`factorized_layers.decompose.whitened_cp_factors` uses to weigh the input-channel
@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Iterable, List
 
 import torch
 import torch.nn as nn
+
+from .sources import source_for
 
 __all__ = ["InputStats", "calibrate", "run_batch", "probe_loss", "first_tensor"]
 
@@ -182,7 +184,7 @@ def calibrate(
     sensitivity: bool = False,
     seed: int = 0,
 ) -> Dict[str, InputStats]:
-    """Input Gram matrices of the model's ``nn.Linear`` and ``nn.Conv2d`` layers on data.
+    """Input Gram matrices of the model's linear and convolution layers on data.
 
     The model runs in its current mode; forward hooks collect the statistics and are
     always removed, also when the model raises. Without ``sensitivity`` it runs
@@ -195,7 +197,8 @@ def calibrate(
         data: Iterable of batches: a Tensor (``model(batch)``), a tuple/list
             (``model(*batch)``) or a dict (``model(**batch)``).
         filter_fn: ``filter_fn(module, fqn) -> bool`` selects the layers to watch
-            (default: every ``nn.Linear`` and ``nn.Conv2d``).
+            (default: every module with a source adapter, :mod:`factorized_layers.sources`:
+            ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
         max_batches: Stop after this many batches.
         sensitivity: Also measure how much the model's output depends on each layer's
             output (:attr:`InputStats.sensitivity`): one backward pass per batch of
@@ -225,13 +228,13 @@ def calibrate(
         raise ValueError(f"max_batches must be a positive integer, got {max_batches!r}")
     stats: Dict[str, InputStats] = {}
     outputs: Dict[str, list] = {}
-    last_input: list = []  # [tensor, is convolution, its Gram, its row count]
+    last_input: list = []  # [tensor, its source adapter, its Gram, its row count]
     handles = []
     watched: Dict[str, nn.Module] = {}
 
     def watch(name: str, layer: nn.Module) -> None:
-        convolution = isinstance(layer, nn.Conv2d)
-        features = layer.in_channels if convolution else layer.in_features
+        adapter = source_for(layer)
+        features = adapter.in_features(layer)
         stats[name] = InputStats(
             torch.zeros(features, features, dtype=torch.float64, device=layer.weight.device)
         )
@@ -247,13 +250,12 @@ def calibrate(
             # Consecutive layers that read the very same tensor (q/k/v projections, say)
             # share one product; only the last input is held, so memory stays at one
             # activation and its id cannot be reused while it is compared.
-            if last_input and last_input[0] is value and last_input[1] == convolution:
+            if last_input and last_input[0] is value and last_input[1] is adapter:
                 gram, count = last_input[2], last_input[3]
             else:
-                # Channels last, for (N, C, H, W) and unbatched (C, H, W) inputs alike.
-                rows = value.movedim(-3, -1) if convolution else value
+                rows = adapter.input_rows(value)
                 gram, count = gram_of(rows), rows.numel() // rows.shape[-1]
-                last_input[:] = [value, convolution, gram, count]
+                last_input[:] = [value, adapter, gram, count]
             entry.gram = entry.gram + gram
             entry.rows += count
 
@@ -263,8 +265,7 @@ def calibrate(
             entry = stats[name]
             weight_term = output.detach()
             if layer.bias is not None:
-                shape = (-1, 1, 1) if convolution else (-1,)
-                weight_term = weight_term - layer.bias.detach().view(shape)
+                weight_term = weight_term - layer.bias.detach().view(adapter.bias_shape())
             entry.output_energy += _squared_norm(weight_term)
             entry.output_numel += output.numel()
             outputs.setdefault(name, []).append(output)
@@ -278,7 +279,7 @@ def calibrate(
 
     seen = set()
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module) not in seen:
+        if source_for(module) is not None and id(module) not in seen:
             seen.add(id(module))
             if filter_fn is None or filter_fn(module, name):
                 watch(name, module)

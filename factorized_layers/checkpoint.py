@@ -9,7 +9,7 @@ the plan against it completely, swaps in layers built from the plan (no
 decomposition is computed) and loads the weights. Loading never unpickles code:
 torch files are read with ``weights_only=True``, ``.safetensors`` files with
 ``safetensors``, and only classes registered with
-:func:`~factorized_layers.convert.register_layer` can be named by a plan.
+:func:`~factorized_layers.registry.register_layer` can be named by a plan.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .convert import _parents, _swap, registered_layers
+from .convert.walk import _parents, _swap
+from .registry import registered_layers
+from .sources import source_for
 
 __all__ = ["save_factorized", "load_factorized", "factorization_plan"]
 
@@ -331,12 +333,12 @@ def _build_replacements(
 def _check_equivalent(name: str, module: nn.Module, shell: nn.Module) -> None:
     """The plan's layer must compute a function of the dense module's type and options."""
     dense = shell.to_dense()
-    source_type = next(t for t in type(module).__mro__ if isinstance(dense, t))
-    expected, got = source_type.extra_repr(module), source_type.extra_repr(dense)
+    adapter = source_for(module)
+    expected, got = adapter.describe(module), adapter.describe(dense)
     if expected != got or dense.weight.shape != module.weight.shape:
         raise ValueError(
-            f"plan entry {name!r}: the saved {type(shell).__name__} is a "
-            f"{source_type.__name__}({got}) but the model has {source_type.__name__}({expected})"
+            f"plan entry {name!r}: the saved {type(shell).__name__} is a {got} "
+            f"but the model has {expected}"
         )
 
 

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .calibrate import check_batch, distributed, first_tensor, run_batch
+from .registry import registered_layers
 
 __all__ = ["DistillReport", "distill_", "distillation_loss"]
 
@@ -151,8 +152,6 @@ def _dtype_of(module: nn.Module) -> torch.dtype | None:
 
 
 def _trainable(student: nn.Module, trainable: str) -> List[nn.Parameter]:
-    from .convert import registered_layers
-
     if trainable == "all":
         return [p for p in student.parameters() if p.requires_grad]
     if trainable != "factorized":

@@ -17,7 +17,7 @@ from typing import Any, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .sequential import _block_inputs, find_blocks
+from .blocks import _block_inputs, find_blocks
 
 __all__ = ["distill_blocks"]
 

@@ -52,12 +52,13 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .calibrate import InputStats, distributed, first_tensor, run_batch
-from .decompose import normalized_whitening_eig, whitening_cache
+from .blocks import _block_inputs, _blocks_share_arguments, _Capture, find_blocks
+from .calibrate import InputStats, first_tensor, run_batch
+from .compensation import PairedStats, _rows_view, compensated_weight, held_out_error, mixing_matrix
+from .decompose import whitening_cache
+from .sources import source_for
 
-__all__ = ["Sequential", "PairedStats", "CacheLimitError", "sequential_convert"]
-
-_CHUNK_ENTRIES = 2**22
+__all__ = ["Sequential", "CacheLimitError", "sequential_convert"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,159 +129,6 @@ class Sequential:
 
 
 @dataclasses.dataclass
-class PairedStats:
-    """Second moments of one layer's compressed-path inputs ``X_c`` and dense inputs ``X_d``.
-
-    Rows are input vectors (tokens; for a convolution, channel vectors at every
-    position). The matrices are ``(in, in)`` float64, accumulated from float64 copies
-    of chunks of at most 2**22 entries.
-
-    Attributes:
-        gram: ``X_c^T X_c``.
-        cross: ``X_d^T X_c``.
-        dense_gram: ``X_d^T X_d``, or ``None`` when not collected (only the held-out
-            statistics need it, to measure errors).
-        rows: Number of rows accumulated.
-    """
-
-    gram: torch.Tensor
-    cross: torch.Tensor
-    dense_gram: torch.Tensor | None
-    rows: int = 0
-
-    @classmethod
-    def zeros(cls, features: int, device: torch.device, dense_gram: bool = True) -> PairedStats:
-        def zero() -> torch.Tensor:
-            return torch.zeros(features, features, dtype=torch.float64, device=device)
-
-        return cls(zero(), zero(), zero() if dense_gram else None)
-
-    def add(self, dense: torch.Tensor, compressed: torch.Tensor) -> None:
-        """Accumulate paired rows ``(*, in)`` in chunks of at most 2**22 entries."""
-        if dense.shape != compressed.shape:
-            raise ValueError(
-                f"dense and compressed inputs differ in shape: {tuple(dense.shape)} vs "
-                f"{tuple(compressed.shape)}"
-            )
-        d = dense.detach().reshape(-1, dense.shape[-1])
-        c = compressed.detach().reshape(-1, compressed.shape[-1])
-        step = max(1, _CHUNK_ENTRIES // d.shape[1])
-        for d_chunk, c_chunk in zip(d.split(step), c.split(step)):
-            wide_d = d_chunk.to(device=self.gram.device, dtype=torch.float64)
-            wide_c = c_chunk.to(device=self.gram.device, dtype=torch.float64)
-            self.gram.addmm_(wide_c.mT, wide_c)
-            self.cross.addmm_(wide_d.mT, wide_c)
-            if self.dense_gram is not None:
-                self.dense_gram.addmm_(wide_d.mT, wide_d)
-        self.rows += d.shape[0]
-
-    def __add__(self, other: PairedStats) -> PairedStats:
-        dense_gram = None
-        if self.dense_gram is not None and other.dense_gram is not None:
-            dense_gram = self.dense_gram + other.dense_gram
-        return PairedStats(
-            self.gram + other.gram, self.cross + other.cross, dense_gram, self.rows + other.rows
-        )
-
-    def all_reduce(self) -> None:
-        """Sum over the ranks of the default process group (no-op without one)."""
-        if not distributed():
-            return
-        import torch.distributed as dist
-
-        rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.gram.device)
-        for tensor in (self.gram, self.cross, self.dense_gram, rows):
-            if tensor is not None:
-                dist.all_reduce(tensor)
-        self.rows = int(rows.item())
-
-
-def _rows_view(weight: torch.Tensor) -> torch.Tensor:
-    """``(out * spatial, in)``: every input-channel slice of a linear or conv weight."""
-    if weight.dim() == 2:
-        return weight
-    return weight.movedim(1, -1).reshape(-1, weight.shape[1])
-
-
-def _mix_inputs(weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
-    """``W`` with its input mode multiplied by ``mixing`` (``W @ M`` for a matrix)."""
-    if weight.dim() == 2:
-        return weight @ mixing
-    return torch.einsum("oi...,ij->oj...", weight, mixing)
-
-
-def mixing_matrix(stats: PairedStats, ridge: float, dtype: torch.dtype) -> torch.Tensor:
-    """``C (G + ridge * mean(diag G) I)^+``: the input map of the least-squares weight.
-
-    The inverse comes from the (cached) ``eigh`` of the whitening that the layer's
-    fit computes in ``dtype`` anyway; eigenvalues below ``n * eps(dtype)`` of the
-    largest are dropped (pseudo-inverse), so singular Grams give no Inf.
-    """
-    gram = stats.gram
-    eigenvectors, root_eigenvalues = normalized_whitening_eig(gram, gram.device, dtype, ridge)
-    eigenvalues = root_eigenvalues.to(torch.float64).square()
-    # Eigenvalues below the eigh's own rounding level are noise: pseudo-inverse.
-    cutoff = eigenvalues.max().clamp_min(1e-300) * len(eigenvalues) * torch.finfo(dtype).eps
-    inverse_eigenvalues = torch.where(
-        eigenvalues > cutoff, 1 / eigenvalues.clamp_min(1e-300), 0.0
-    ) / gram.diagonal().mean().clamp_min(1e-300)
-    vectors = eigenvectors.to(torch.float64)
-    return ((stats.cross @ vectors) * inverse_eigenvalues) @ vectors.mT
-
-
-def compensated_weight(
-    weight: torch.Tensor,
-    stats: PairedStats,
-    strength: float,
-    ridge: float,
-    mixing: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(1 - a) W + a W C (G + ridge)^{-1}`` in float64 on the statistics' device.
-
-    ``W C G^{-1}`` is the least-squares weight ``W'`` of ``||X_d W^T - X_c W'^T||``; for
-    a convolution the correction mixes input channels only (exact for 1x1 kernels).
-    ``mixing`` is :func:`mixing_matrix` of ``stats`` and ``ridge``, when already known
-    (by default computed in float64).
-
-    Examples:
-        >>> x = torch.randn(40, 3, dtype=torch.float64)
-        >>> stats = PairedStats.zeros(3, x.device)
-        >>> stats.add(x, 2 * x)  # the compressed path doubles the inputs
-        >>> w = torch.randn(2, 3, dtype=torch.float64)
-        >>> torch.allclose(compensated_weight(w, stats, 1.0, 0.0), w / 2)
-        True
-    """
-    wide = weight.detach().to(device=stats.gram.device, dtype=torch.float64)
-    if strength == 0:
-        return wide
-    if mixing is None:
-        mixing = mixing_matrix(stats, ridge, torch.float64)
-    return wide + strength * (_mix_inputs(wide, mixing) - wide)
-
-
-def held_out_error(
-    weight: torch.Tensor,
-    approximation: torch.Tensor,
-    stats: PairedStats,
-    target_energy: float | None = None,
-) -> float:
-    """``||X_d W^T - X_c W'^T||_F / ||X_d W^T||_F`` from the statistics alone.
-
-    For a convolution, every kernel position is counted as an independent channel
-    map (the statistics hold no spatial correlations). ``target_energy`` is
-    ``||X_d W^T||_F^2`` when already known.
-    """
-    device = stats.gram.device
-    w = _rows_view(weight.detach().to(device=device, dtype=torch.float64))
-    a = _rows_view(approximation.detach().to(device=device, dtype=torch.float64))
-    if target_energy is None:
-        target_energy = float(((w @ stats.dense_gram) * w).sum())
-    cross = float(((a @ stats.cross.mT) * w).sum())
-    own = float(((a @ stats.gram) * a).sum())
-    return math.sqrt(max(target_energy - 2 * cross + own, 0.0) / max(target_energy, 1e-300))
-
-
-@dataclasses.dataclass
 class FitRecord:
     """How one layer was fitted: the chosen candidate and its held-out errors."""
 
@@ -302,182 +150,8 @@ class CacheLimitError(ValueError):
     """
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the inputs it needs are captured."""
-
-
-class _BlockCall:
-    """One cached call of a block: its positional and keyword arguments, hidden state apart."""
-
-    def __init__(self, args: tuple, kwargs: dict) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            self.key: int | str = 0
-        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            self.key = "hidden_states"
-        else:
-            raise ValueError(
-                "sequential calibration needs the block's hidden state as its first "
-                "positional argument or as hidden_states=; use Sequential(blocks=False)"
-            )
-        hidden = args[0] if self.key == 0 else kwargs["hidden_states"]
-        self.args = tuple(args[1:]) if self.key == 0 else tuple(args)
-        self.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or self.key == 0}
-        # A block must not grow a key/value cache while it is run again and again.
-        for name in ("past_key_value", "past_key_values", "layer_past"):
-            if name in self.kwargs:
-                self.kwargs[name] = None
-        if "use_cache" in self.kwargs:
-            self.kwargs["use_cache"] = False
-        self.hidden_dtype = hidden.dtype
-        self.hidden_device = hidden.device
-
-    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.to(device=self.hidden_device)
-        if self.key == 0:
-            output = block(hidden, *self.args, **self.kwargs)
-        else:
-            output = block(*self.args, hidden_states=hidden, **self.kwargs)
-        return first_tensor(output)
-
-
-def find_blocks(model: nn.Module, targets: Sequence[str], spec: str | bool | None) -> List[str]:
-    """Names of the repeated blocks to process in order (``[]``: the whole model is one unit)."""
-    if spec is False:
-        return []
-    modules = dict(model.named_modules())
-    if isinstance(spec, str):
-        container = modules.get(spec)
-        if not isinstance(container, nn.ModuleList):
-            lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
-            raise ValueError(
-                f"blocks={spec!r} is not an nn.ModuleList of the model; ModuleLists: {lists[:10]}"
-            )
-        return [f"{spec}.{name}" if spec else name for name in container._modules]
-    best: Tuple[int, List[str]] = (0, [])
-    for name, module in modules.items():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        children = [f"{name}.{child}" if name else child for child in module._modules]
-        covered = sum(any(t.startswith(c + ".") for c in children) for t in targets)
-        if covered > best[0]:
-            best = (covered, children)
-    return best[1]
-
-
-def _blocks_share_arguments(model: nn.Module, blocks: List[nn.Module], batch: Any) -> bool:
-    """Whether every block gets block 0's arguments (hidden state apart) on ``batch``.
-
-    Only then can one cached call replay every block. T5's relative position bias or
-    per-layer sliding-window masks, for instance, differ per block.
-    """
-    calls: Dict[int, _BlockCall | None] = {}
-
-    def recorder(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if index not in calls:
-                try:
-                    calls[index] = _BlockCall(args, kwargs)
-                except ValueError:
-                    calls[index] = None
-
-        return hook
-
-    handles = [
-        block.register_forward_pre_hook(recorder(i), with_kwargs=True)
-        for i, block in enumerate(blocks)
-    ]
-    try:
-        with torch.no_grad():
-            run_batch(model, batch, 0)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(calls) != len(blocks) or any(call is None for call in calls.values()):
-        return False
-    first = calls[0]
-    return all(
-        calls[i].key == first.key
-        and _same(calls[i].args, first.args)
-        and _same(calls[i].kwargs, first.kwargs)
-        for i in range(1, len(blocks))
-    )
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and a.device == b.device
-            and bool(torch.equal(a, b))
-        )
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - values that cannot be compared count as different
-        return False
-
-
 def _is_held_out(index: int, holdout: float) -> bool:
     return math.floor((index + 1) * holdout) > math.floor(index * holdout)
-
-
-class _Capture:
-    """Forward pre-hooks that record the inputs of chosen layers and stop the pass after them."""
-
-    def __init__(self, modules: Dict[str, nn.Module], convolution: Dict[str, bool]) -> None:
-        self.modules = modules
-        self.convolution = convolution
-        self.inputs: Dict[str, torch.Tensor] = {}
-        self.raw: Dict[str, torch.Tensor] = {}  # the tensors as the layers received them
-        self.order: List[str] = []
-        self.stop_after: set | None = None
-        self.group_input: torch.Tensor | None = None
-        self.discover = False
-        self.handles: List[Any] = []
-
-    def __enter__(self) -> _Capture:
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            if not args or not isinstance(args[0], torch.Tensor) or name in self.inputs:
-                return
-            value = args[0]
-            if self.discover:
-                # The group is the first layer reached and the layers right after it
-                # that read the very same tensor (e.g. q/k/v, or gate/up).
-                if self.group_input is not None and value is not self.group_input:
-                    raise _Stop
-                self.group_input = value
-                self.order.append(name)
-            elif self.stop_after is not None and name not in self.stop_after:
-                return
-            self.raw[name] = value
-            self.inputs[name] = value.movedim(-3, -1) if self.convolution[name] else value
-            if self.stop_after is not None and set(self.inputs) >= self.stop_after:
-                raise _Stop
-
-        return hook
-
-    def run(self, call: Callable[[], Any]) -> None:
-        try:
-            call()
-        except _Stop:
-            pass
 
 
 @dataclasses.dataclass
@@ -715,38 +389,6 @@ def _check_cache(hidden: List[torch.Tensor], config: Sequential) -> None:
         )
 
 
-def _block_inputs(
-    model: nn.Module, first_block: nn.Module, batches: Sequence[Any], cache_device: str
-):
-    """The arguments of the first block for every batch (the model is stopped there)."""
-    calls: List[_BlockCall] = []
-    hidden: List[torch.Tensor] = []
-
-    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = _BlockCall(args, kwargs)
-        calls.append(call)
-        value = args[0] if call.key == 0 else kwargs["hidden_states"]
-        hidden.append(value.detach().to(cache_device, copy=True))
-        raise _Stop
-
-    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                try:
-                    run_batch(model, batch, i)
-                except _Stop:
-                    pass
-                if len(calls) != i + 1:
-                    raise ValueError(
-                        f"calibration batch {i} never reached the first block; "
-                        "use Sequential(blocks=False)"
-                    )
-    finally:
-        handle.remove()
-    return calls, hidden
-
-
 def _convert_unit(
     unit: nn.Module,
     twin: nn.Module,
@@ -768,12 +410,12 @@ def _convert_unit(
     unit_names = {id(m): n for n, m in unit.named_modules()}
     twin_modules = dict(twin.named_modules())
     relative = {t.name: unit_names[id(t.module)] for t in targets}
-    convolution = {t.name: isinstance(t.module, nn.modules.conv._ConvNd) for t in targets}
+    adapters = {t.name: source_for(t.module) for t in targets}
     dense_inputs: List[Dict[str, torch.Tensor]] = []
     dense_outputs: List[torch.Tensor | None] = []
     cached = 0
     twin_targets = {t.name: twin_modules[relative[t.name]] for t in targets}
-    with torch.no_grad(), _Capture(twin_targets, convolution) as dense:
+    with torch.no_grad(), _Capture(twin_targets, adapters) as dense:
         for i in range(len(held)):
             dense.inputs, dense.raw = {}, {}
             output = run_dense(twin, i)
@@ -802,7 +444,7 @@ def _convert_unit(
         live = {name: t.module for name, t in pending.items()}
         group: List[str] = []
         stats: Dict[str, Tuple[PairedStats, PairedStats]] = {}
-        with torch.no_grad(), _Capture(live, convolution) as compressed:
+        with torch.no_grad(), _Capture(live, adapters) as compressed:
             for i in range(len(held)):
                 compressed.inputs, compressed.raw = {}, {}
                 if i == 0:

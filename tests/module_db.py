@@ -1,34 +1,79 @@
-"""The module database: one entry per factorized layer configuration.
+"""The module database: one :class:`ModuleInfo` per registered factorized layer class.
 
-Generic tests in ``test_modules.py`` run over every case x dtype x device, in the
-style of PyTorch's ``common_modules.py``. A new layer adds its cases here.
+In the style of PyTorch's ``common_modules.py``: each entry names the class, its cases
+(how to build the dense source, the rank, the input shape), an independent
+``reference_fn`` (the dense functional op on ``dense_weight()``) and the inputs the
+forward pass must refuse. Generic tests in ``test_modules.py`` run over every case x
+dtype x device, and a conformance test checks that every registered class has an
+entry. A new family adds its entry here and gets the generic tests for free.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Tuple
+from typing import Any, Callable, Dict, Tuple
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from factorized_layers import SVDLinear
-from factorized_layers.layers.tucker import TuckerLinear
+from factorized_layers import CPConv1d, CPConv2d, CPConv3d, SVDLinear, TuckerLinear
 
 
 @dataclasses.dataclass(frozen=True)
 class ModuleCase:
+    """One configuration of a layer class."""
+
     name: str
-    layer_cls: type
     make_dense: Callable[..., nn.Module]
+    """``make_dense(device=..., dtype=...)``: the trained dense source."""
     rank: object
     input_shape: Tuple[int, ...]
-    full_rank: object
-    """A rank spec at which ``from_dense`` must reproduce the dense layer exactly."""
     reduction_terms: int
     """Length of the longest sum behind one output value (for tolerances)."""
+    full_rank: object = None
+    """A rank spec at which ``from_dense`` must reproduce the dense layer exactly
+    (``None``: the family has no exact rank for this case, e.g. CP-ALS)."""
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Options of ``from_dense`` (e.g. a seed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorInput:
+    """A forward input of the wrong shape and the error it must raise."""
+
+    input_shape: Tuple[int, ...]
+    match: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleInfo:
+    """Everything the generic tests need to know about one layer class."""
+
+    layer_cls: type
+    cases: Tuple[ModuleCase, ...]
+    reference_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    """``reference_fn(layer, x)``: the dense op with ``layer.dense_weight()``."""
+    error_inputs: Tuple[ErrorInput, ...]
+    """Inputs (for the first case) every forward must refuse with ``ValueError``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A (class, case) pair, the unit the generic tests are parametrized over."""
+
+    info: ModuleInfo
+    case: ModuleCase
+
+    @property
+    def layer_cls(self) -> type:
+        return self.info.layer_cls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.case, name)
 
     def __str__(self) -> str:
-        return self.name
+        return self.case.name
 
 
 def _linear(in_features: int, out_features: int, bias: bool = True) -> Callable[..., nn.Module]:
@@ -38,19 +83,125 @@ def _linear(in_features: int, out_features: int, bias: bool = True) -> Callable[
     return make
 
 
-MODULE_CASES = [
-    ModuleCase("svd_linear", SVDLinear, _linear(24, 16), 5, (3, 24), 16, 24),
-    ModuleCase(
-        "svd_linear_nobias", SVDLinear, _linear(16, 24, bias=False), 0.3, (2, 3, 16), 16, 24
-    ),
-    ModuleCase("svd_linear_1d_input", SVDLinear, _linear(7, 9), 2, (7,), 7, 9),
-    ModuleCase("svd_linear_wide_rank1", SVDLinear, _linear(3, 40), 1, (4, 3), 3, 40),
-]
+def _conv(cls: type, *args: Any, **kwargs: Any) -> Callable[..., nn.Module]:
+    def make(**factory_kwargs) -> nn.Module:
+        return cls(*args, **kwargs, **factory_kwargs)
 
-MODULE_CASES += [
-    ModuleCase("tucker_linear", TuckerLinear, _linear(24, 16), 0.5, (3, 24), 24, 24),
-    ModuleCase(
-        "tucker_linear_nobias", TuckerLinear, _linear(16, 24, bias=False), 2, (2, 3, 16), 24, 24
+    return make
+
+
+def _linear_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, layer.dense_weight(), layer.bias)
+
+
+_CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F.convNd`` on the dense kernel, with ``padding_mode`` applied as ``nn.ConvNd`` does."""
+    weight, padding = layer.dense_weight(), layer.padding
+    if layer.padding_mode != "zeros":
+        pads = [p for p in reversed(padding) for _ in range(2)]
+        x = F.pad(x, pads, mode=layer.padding_mode)
+        padding = 0
+    op = _CONV_OPS[weight.dim() - 2]
+    return op(x, weight, layer.bias, layer.stride, padding, layer.dilation)
+
+
+_LINEAR_ERRORS = (
+    ErrorInput((3, 23), r"expected input of shape \(\*, 24\), got \(3, 23\)"),
+    ErrorInput((24, 2), r"expected input of shape \(\*, 24\)"),
+)
+
+
+def _conv_errors(in_channels: int, dims: int) -> Tuple[ErrorInput, ...]:
+    spatial = (6,) * dims
+    return (
+        ErrorInput((2, in_channels + 1) + spatial, rf"\(N, {in_channels}, \*spatial\)"),
+        ErrorInput((2, 1, in_channels) + spatial, rf"{dims} spatial dimension"),
+    )
+
+
+MODULE_DB: Tuple[ModuleInfo, ...] = (
+    ModuleInfo(
+        SVDLinear,
+        (
+            ModuleCase("svd_linear", _linear(24, 16), 5, (3, 24), 24, full_rank=16),
+            ModuleCase(
+                "svd_linear_nobias", _linear(16, 24, bias=False), 0.3, (2, 3, 16), 24, full_rank=16
+            ),
+            ModuleCase("svd_linear_1d_input", _linear(7, 9), 2, (7,), 9, full_rank=7),
+            ModuleCase("svd_linear_wide_rank1", _linear(3, 40), 1, (4, 3), 40, full_rank=3),
+        ),
+        _linear_reference,
+        _LINEAR_ERRORS,
     ),
-    ModuleCase("tucker_linear_prime_in", TuckerLinear, _linear(7, 12), 2, (7,), 12, 12),
-]
+    ModuleInfo(
+        TuckerLinear,
+        (
+            ModuleCase("tucker_linear", _linear(24, 16), 0.5, (3, 24), 24, full_rank=24),
+            ModuleCase(
+                "tucker_linear_nobias", _linear(16, 24, bias=False), 2, (2, 3, 16), 24, full_rank=24
+            ),
+            ModuleCase("tucker_linear_prime_in", _linear(7, 12), 2, (7,), 12, full_rank=12),
+        ),
+        _linear_reference,
+        _LINEAR_ERRORS,
+    ),
+    ModuleInfo(
+        CPConv1d,
+        (
+            ModuleCase(
+                "cp_conv1d", _conv(nn.Conv1d, 6, 8, 5, padding=2), 4, (2, 6, 12), 30,
+                options={"seed": 0},
+            ),
+            ModuleCase(
+                "cp_conv1d_strided_reflect_nobias",
+                _conv(nn.Conv1d, 4, 6, 3, stride=2, padding=1, padding_mode="reflect", bias=False),
+                0.5, (4, 11), 12, options={"seed": 0},
+            ),
+        ),
+        _conv_reference,
+        _conv_errors(6, 1),
+    ),
+    ModuleInfo(
+        CPConv2d,
+        (
+            ModuleCase(
+                "cp_conv2d", _conv(nn.Conv2d, 6, 8, 3, padding=1), 5, (2, 6, 7, 7), 54,
+                options={"seed": 0},
+            ),
+            ModuleCase(
+                "cp_conv2d_valid_dilated_nobias",
+                _conv(nn.Conv2d, 5, 4, (3, 2), dilation=(1, 2), padding="valid", bias=False),
+                0.4, (1, 5, 8, 9), 30, options={"seed": 0},
+            ),
+            ModuleCase(
+                "cp_conv2d_circular_unbatched",
+                _conv(nn.Conv2d, 3, 4, 3, stride=(2, 1), padding=1, padding_mode="circular"),
+                3, (3, 6, 5), 27, options={"seed": 0},
+            ),
+        ),
+        _conv_reference,
+        _conv_errors(6, 2),
+    ),
+    ModuleInfo(
+        CPConv3d,
+        (
+            ModuleCase(
+                "cp_conv3d", _conv(nn.Conv3d, 4, 6, 3, padding=1), 4, (2, 4, 5, 5, 5), 108,
+                options={"seed": 0},
+            ),
+            ModuleCase(
+                "cp_conv3d_anisotropic_nobias",
+                _conv(nn.Conv3d, 3, 5, (1, 3, 2), stride=(1, 2, 1), bias=False),
+                0.5, (1, 3, 4, 7, 6), 18, options={"seed": 0},
+            ),
+        ),
+        _conv_reference,
+        _conv_errors(4, 3),
+    ),
+)  # fmt: skip
+
+MODULE_CASES = tuple(Case(info, case) for info in MODULE_DB for case in info.cases)
+"""Every (class, case) pair of :data:`MODULE_DB`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import pathlib
 
 import pytest
 import torch
@@ -391,3 +392,27 @@ def test_model_converted_at_another_rank_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="already has a SVDLinear"):
         load_factorized(other, path)
     assert _unchanged(other, snapshot)
+
+
+def _legacy_dense_model():
+    """The architecture of tests/data/legacy_v1.*, written before the layer contract."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, (3, 5), stride=2, padding="valid", bias=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 3 * 2, 24), nn.GELU(), nn.Linear(24, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_checkpoint_written_before_the_layer_contract_still_loads(suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors", reason="needs safetensors")
+    data = pathlib.Path(__file__).parent / "data"
+    model = load_factorized(_legacy_dense_model(), data / f"legacy_v1{suffix}")
+    assert [type(m).__name__ for m in model] == [
+        "CPConv2d", "ReLU", "CPConv2d", "ReLU", "Flatten", "TuckerLinear", "GELU", "SVDLinear"
+    ]  # fmt: skip
+    io = torch.load(data / "legacy_v1_io.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(io["input"]), io["output"], rtol=1e-6, atol=1e-6)

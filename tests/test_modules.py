@@ -8,42 +8,65 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from factorized_layers import FactorizedLayer, registered_layers
+from factorized_layers.registry import capabilities_of
 from factorized_layers.testing import assert_close_to_reference, supported_dtypes
 
-from .module_db import MODULE_CASES
+from .module_db import MODULE_CASES, MODULE_DB, Case
 
 CASES = pytest.mark.parametrize("case", MODULE_CASES, ids=str)
-
-
-def _dtypes(device):
-    return supported_dtypes(device)
+EXACT_CASES = pytest.mark.parametrize(
+    "case", [c for c in MODULE_CASES if c.full_rank is not None], ids=str
+)
 
 
 def _make_pair(case, device, dtype, seed=0):
     torch.manual_seed(seed)
     dense = case.make_dense(device=device, dtype=dtype)
-    return dense, case.layer_cls.from_dense(dense, case.rank)
+    return dense, case.layer_cls.from_dense(dense, case.rank, **case.options)
+
+
+def test_every_registered_layer_is_in_the_module_db():
+    assert set(registered_layers()) == {info.layer_cls for info in MODULE_DB}
+
+
+@pytest.mark.parametrize("info", MODULE_DB, ids=lambda info: info.layer_cls.__name__)
+def test_registered_layers_fulfil_the_contract(info):
+    cls = info.layer_cls
+    assert issubclass(cls, FactorizedLayer) and not getattr(cls, "__abstractmethods__", None)
+    assert registered_layers()[cls] == (cls.source.module_type,)
+    capabilities = capabilities_of(cls)
+    assert capabilities.calibration and capabilities.rank_profile and capabilities.truncation
 
 
 @CASES
-def test_forward_matches_dense_weight_oracle(case, device):
-    for dtype in _dtypes(device):
+def test_forward_matches_reference_oracle(case, device):
+    for dtype in supported_dtypes(device):
         dense, layer = _make_pair(case, device, dtype)
         x = torch.randn(case.input_shape, device=device, dtype=dtype)
         out = layer(x)
         assert out.dtype == dtype and out.device.type == device
-        expected = F.linear(x, layer.dense_weight(), layer.bias)
+        expected = case.info.reference_fn(layer, x)
+        assert out.shape == dense(x).shape
         assert_close_to_reference(out, expected, terms=case.reduction_terms, msg=f"{dtype}")
         assert_close_to_reference(layer.to_dense()(x), expected, terms=case.reduction_terms)
 
 
-@CASES
+@pytest.mark.parametrize("info", MODULE_DB, ids=lambda info: info.layer_cls.__name__)
+def test_bad_inputs_are_refused_with_the_expected_shape(info):
+    # The error inputs are written for the first case of each class.
+    _, layer = _make_pair(Case(info, info.cases[0]), "cpu", torch.float32)
+    for error in info.error_inputs:
+        with pytest.raises(ValueError, match=error.match):
+            layer(torch.randn(error.input_shape))
+
+
+@EXACT_CASES
 def test_full_rank_reproduces_source(case, device):
-    for dtype in _dtypes(device):
+    for dtype in supported_dtypes(device):
         dense, _ = _make_pair(case, device, dtype)
-        layer = case.layer_cls.from_dense(dense, case.full_rank)
+        layer = case.layer_cls.from_dense(dense, case.full_rank, **case.options)
         x = torch.randn(case.input_shape, device=device, dtype=dtype)
         # The factors go through a float32 SVD, so low-precision results carry one
         # extra rounding of the weight: compare at twice the reduction length.
@@ -55,33 +78,22 @@ def test_full_rank_reproduces_source(case, device):
 @CASES
 def test_no_dense_weight_is_stored(case):
     dense, layer = _make_pair(case, "cpu", torch.float32)
-    if layer.rank == min(dense.weight.shape):
-        pytest.fail(f"case {case.name} must use a rank below full rank to test storage")
+    stored = sum(p.numel() for n, p in layer.named_parameters() if n != "bias")
+    assert stored < dense.weight.numel(), f"case {case.name} must save parameters"
     for name, tensor in list(layer.named_parameters()) + list(layer.named_buffers()):
         assert tensor.numel() < dense.weight.numel(), name
 
 
 @CASES
 def test_state_dict_round_trip_weights_only(case, tmp_path):
-    dense, layer = _make_pair(case, "cpu", torch.float32)
+    _, layer = _make_pair(case, "cpu", torch.float32)
     path = tmp_path / "layer.pt"
     torch.save(layer.state_dict(), path)
     state = torch.load(path, weights_only=True)
-    fresh = case.layer_cls(
-        *_constructor_args(layer), **_constructor_kwargs(layer), bias=layer.bias is not None
-    )
+    fresh = case.layer_cls.from_config(layer.get_config())
     fresh.load_state_dict(state)
     x = torch.randn(case.input_shape)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
-
-
-def _constructor_args(layer):
-    return layer.in_features, layer.out_features, layer.rank
-
-
-def _constructor_kwargs(layer):
-    # Tensorized layers also need their mode shapes (from_dense may choose them).
-    return {k: getattr(layer, k) for k in ("in_shape", "out_shape") if hasattr(layer, k)}
 
 
 @CASES
@@ -99,16 +111,22 @@ def test_config_round_trip_through_json(case):
 
 
 @CASES
-def test_truncated_lowers_rank_and_keeps_device_dtype_mode(case, device):
-    for dtype in _dtypes(device):
+def test_truncated_lowers_rank_and_keeps_device_dtype_mode_flags(case, device):
+    for dtype in supported_dtypes(device):
         _, layer = _make_pair(case, device, dtype)
         layer.eval()
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
         truncated = layer.truncated(1)
         expected = 1 if isinstance(layer.rank, int) else (1,) * len(layer.rank)
         assert truncated.rank == expected
         assert not truncated.training
-        params = list(truncated.parameters())
-        assert all(p.dtype == dtype and p.device.type == device for p in params)
+        if layer.bias is not None:
+            assert not truncated.bias.requires_grad
+            torch.testing.assert_close(truncated.bias, layer.bias, rtol=0, atol=0)
+        params = [p for n, p in truncated.named_parameters() if n != "bias"]
+        assert all(p.requires_grad for p in params)
+        assert all(p.dtype == dtype and p.device.type == device for p in truncated.parameters())
         assert sum(p.numel() for p in params) <= sum(p.numel() for p in layer.parameters())
         x = torch.randn(case.input_shape, device=device, dtype=dtype)
         assert torch.isfinite(truncated(x)).all()
@@ -143,22 +161,21 @@ def test_gradcheck_float64(case):
 @CASES
 def test_meta_construction_and_from_dense_stay_on_meta(case):
     dense = case.make_dense(device="meta")
-    layer = case.layer_cls.from_dense(dense, case.rank)
+    layer = case.layer_cls.from_dense(dense, case.rank, **case.options)
     assert all(p.device.type == "meta" for p in layer.parameters())
     out = layer(torch.empty(case.input_shape, device="meta"))
     assert out.device.type == "meta"
     assert out.shape == dense(torch.empty(case.input_shape, device="meta")).shape
-    with torch.device("meta"):
-        shell = case.layer_cls(*_constructor_args(layer), **_constructor_kwargs(layer))
+    shell = case.layer_cls.from_config(layer.get_config(), device="meta")
     assert all(p.device.type == "meta" for p in shell.parameters())
 
 
 @CASES
-def test_from_dense_keeps_training_mode_and_bias(case):
+def test_from_dense_keeps_training_mode_bias_and_frozen_flags(case):
     dense, _ = _make_pair(case, "cpu", torch.float32)
     for training in (True, False):
         dense.train(training)
-        layer = case.layer_cls.from_dense(dense, case.rank)
+        layer = case.layer_cls.from_dense(dense, case.rank, **case.options)
         assert layer.training is training
         assert layer.to_dense().training is training
         if dense.bias is None:
@@ -166,6 +183,18 @@ def test_from_dense_keeps_training_mode_and_bias(case):
         else:
             torch.testing.assert_close(layer.bias, dense.bias, rtol=0, atol=0)
             assert layer.bias.data_ptr() != dense.bias.data_ptr()
+    dense.requires_grad_(False)
+    frozen = case.layer_cls.from_dense(dense, case.rank, **case.options)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+@CASES
+def test_to_dense_rebuilds_the_source_type_and_options(case):
+    dense, layer = _make_pair(case, "cpu", torch.float32)
+    rebuilt = layer.to_dense()
+    assert type(rebuilt) is type(dense)
+    assert rebuilt.extra_repr() == dense.extra_repr()
+    torch.testing.assert_close(rebuilt.weight, layer.dense_weight(), rtol=0, atol=0)
 
 
 @CASES

@@ -11,13 +11,9 @@ import torch.nn as nn
 from factorized_layers import Budget, CPConv2d, SVDLinear, factorize_
 from factorized_layers.calibrate import calibrate
 from factorized_layers.ranks import RankProfile, allocate_budget
-from factorized_layers.sequential import (
-    PairedStats,
-    Sequential,
-    compensated_weight,
-    find_blocks,
-    held_out_error,
-)
+from factorized_layers.blocks import find_blocks
+from factorized_layers.compensation import PairedStats, compensated_weight, held_out_error
+from factorized_layers.sequential import Sequential
 
 EXACT = Sequential(holdout=0.0, compensation=(1.0,), ridges=(0.0,), blocks=False)
 
@@ -418,7 +414,7 @@ def test_blocks_called_with_different_arguments_fall_back_to_whole_model_passes(
 
 
 def test_default_falls_back_to_one_pass_when_the_cache_would_overflow(monkeypatch):
-    import factorized_layers.convert as convert
+    import factorized_layers.convert.api as convert
 
     class Tiny(Sequential):
         def __init__(self, **kwargs):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Union
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..calibrate import InputStats
 from ..decompose import (
     low_rank_factors,
     reduce_low_rank,
@@ -18,39 +17,21 @@ from ..decompose import (
 )
 from ..functional import check_linear_input, svd_linear
 from ..ranks import (
-    RankPolicy,
     RankProfile,
     RankSpec,
     check_positive,
     low_rank_break_even,
     resolve_matrix_rank,
 )
-from .base import (
-    ConfigMixin,
-    check_source,
-    fast_parameter,
-    resolve_layer_rank,
-    to_dense_linear,
-    trainable_like,
-)
+from ..registry import Capabilities, register_layer
+from ..sources import LinearSource
+from .base import Calibration, FactorizedLayer, Fit, fast_parameter, gram_of
 
 __all__ = ["SVDLinear"]
 
-Calibration = Union[InputStats, torch.Tensor, None]
 
-
-def _gram_of(calibration: Calibration) -> torch.Tensor | None:
-    if calibration is None or isinstance(calibration, torch.Tensor):
-        return calibration
-    if isinstance(calibration, InputStats):
-        return calibration.gram
-    raise TypeError(
-        "calibration must be InputStats (from factorized_layers.calibrate.calibrate) or a "
-        f"Gram matrix tensor, got {type(calibration).__name__}"
-    )
-
-
-class SVDLinear(ConfigMixin, nn.Module):
+@register_layer
+class SVDLinear(FactorizedLayer):
     r"""Linear layer whose weight is a rank-``r`` product ``output_factor @ input_factor``.
 
     :math:`y = x A^T B^T + b` with ``A = input_factor`` of shape ``(rank, in_features)``
@@ -94,6 +75,14 @@ class SVDLinear(ConfigMixin, nn.Module):
         10
     """
 
+    source = LinearSource()
+    capabilities = Capabilities(
+        calibration=True,
+        rank_profile=True,
+        truncation=True,
+        ridge_option="ridge",
+        profile_options=("ridge",),
+    )
     __constants__ = ["in_features", "out_features", "rank"]
     in_features: int
     out_features: int
@@ -155,10 +144,6 @@ class SVDLinear(ConfigMixin, nn.Module):
         """The ``(out_features, in_features)`` weight the factors represent (differentiable)."""
         return self.output_factor @ self.input_factor
 
-    def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` computing the same function, on the same device and dtype."""
-        return to_dense_linear(self, self.dense_weight())
-
     def flops_per_position(self) -> int:
         """Multiply-accumulates per input row (token): ``rank * (in + out)``."""
         return self.rank * (self.in_features + self.out_features)
@@ -181,9 +166,9 @@ class SVDLinear(ConfigMixin, nn.Module):
             ridge: Relative ridge of the whitening (used only with calibration); pass
                 the one given to :meth:`from_dense` so that both see the same spectrum.
         """
-        check_source(linear, nn.Linear)
+        cls.source.check(linear, cls.__name__)
         weight = linear.weight.detach()
-        gram = _gram_of(calibration)
+        gram = gram_of(calibration)
         if gram is None:
             compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
             singular_values = torch.linalg.svdvals(weight.to(compute))
@@ -202,34 +187,34 @@ class SVDLinear(ConfigMixin, nn.Module):
         )
 
     @classmethod
-    def from_dense(
+    def plain_rank(cls, linear: nn.Linear, spec: RankSpec) -> int:
+        """The concrete rank of an ``int``/``float`` spec (:func:`~factorized_layers.ranks.resolve_matrix_rank`)."""
+        return resolve_matrix_rank(spec, linear.out_features, linear.in_features)
+
+    @classmethod
+    def fit_factors(
         cls,
         linear: nn.Linear,
-        rank: RankSpec | RankPolicy,
+        rank: int,
         *,
-        calibration: Calibration = None,
+        gram: torch.Tensor | None = None,
         ridge: float = 1e-6,
         **svd_options: Any,
-    ) -> SVDLinear:
-        """Best rank-``rank`` approximation of a trained ``nn.Linear`` (truncated SVD).
+    ) -> Fit:
+        """Best rank-``rank`` factors of a trained ``nn.Linear``: the fit of :meth:`from_dense`.
 
-        The SVD runs under ``no_grad`` on the weight's device in float32 (float64 for
-        float64 weights or with ``compute_dtype=torch.float64``), the factors are cast
-        back to the weight's dtype, the bias is copied (a bias-free source gives a
-        bias-free layer) and the ``training`` flag is kept. A meta-device source gives
-        a meta-device layer without computing anything.
-
-        With ``calibration`` (the layer's input statistics from
-        :func:`factorized_layers.calibrate.calibrate`, or a Gram matrix ``X^T X``) the
-        factors minimise the output error on that data instead of the weight error
-        (activation-whitened SVD, :func:`~factorized_layers.decompose.whitened_low_rank_factors`).
+        ``SVDLinear.from_dense(linear, rank, calibration=None, **options)`` takes these
+        options. Without calibration the factors are the truncated SVD of the weight
+        (the Eckart--Young optimum). With ``calibration`` (the layer's input statistics
+        from :func:`factorized_layers.calibrate.calibrate`, or a Gram matrix ``X^T X``)
+        they minimise the output error on that data instead of the weight error
+        (activation-whitened SVD,
+        :func:`~factorized_layers.decompose.whitened_low_rank_factors`).
 
         Args:
             linear: The trained layer (any ``nn.Linear`` subclass).
-            rank: Rank spec (see :func:`factorized_layers.ranks.resolve_matrix_rank`) or
-                a rank policy (``Energy``, ``ErrorBound``, ``EVBMF``, ``Budget`` from
-                :mod:`factorized_layers.ranks`), evaluated on :meth:`rank_profile`.
-            calibration: ``InputStats`` or an ``(in, in)`` Gram matrix, or ``None``.
+            rank: The concrete rank.
+            gram: The ``(in, in)`` input Gram matrix from ``calibration``, or ``None``.
             ridge: Relative ridge of the whitening (used only with calibration, see
                 :func:`~factorized_layers.decompose.whitening_root`).
             **svd_options: Without calibration: ``method``, ``oversample``, ``n_iter``,
@@ -237,53 +222,32 @@ class SVDLinear(ConfigMixin, nn.Module):
                 :func:`factorized_layers.decompose.truncated_svd`. With calibration:
                 ``compute_dtype``.
 
-        Returns:
-            A new :class:`SVDLinear`; ``linear`` is left unchanged.
-
         Examples:
             >>> dense = nn.Linear(32, 16)
             >>> layer = SVDLinear.from_dense(dense, rank=16)
             >>> torch.allclose(layer.dense_weight(), dense.weight, atol=1e-5)
             True
         """
-        check_source(linear, nn.Linear)
         weight = linear.weight
-        gram = _gram_of(calibration)
-        if gram is not None:
+        if gram is None:
+            output_factor, input_factor = low_rank_factors(weight, rank, **svd_options)
+        else:
             unsupported = sorted(set(svd_options) - {"compute_dtype"})
             if unsupported:
                 raise TypeError(
                     f"with calibration, from_dense takes ridge= and compute_dtype= only "
                     f"(the whitened SVD is exact); got {unsupported}"
                 )
-        rank = resolve_layer_rank(
-            cls,
-            linear,
-            rank,
-            lambda spec: resolve_matrix_rank(spec, linear.out_features, linear.in_features),
-            calibration=gram,
-            ridge=ridge,  # the profile must see the whitening from_dense uses
-        )
-        with torch.device("meta"):
-            layer = cls(
-                linear.in_features,
-                linear.out_features,
-                rank,
-                bias=linear.bias is not None,
-                dtype=weight.dtype,
+            output_factor, input_factor = whitened_low_rank_factors(
+                weight, gram, rank, ridge=ridge, **svd_options
             )
-        with torch.no_grad():
-            if gram is None:
-                output_factor, input_factor = low_rank_factors(weight, rank, **svd_options)
-            else:
-                output_factor, input_factor = whitened_low_rank_factors(
-                    weight, gram, rank, ridge=ridge, **svd_options
-                )
-            layer.output_factor = trainable_like(output_factor, weight)
-            layer.input_factor = trainable_like(input_factor, weight)
-            if linear.bias is not None:
-                layer.bias = trainable_like(linear.bias.detach().clone(), linear.bias)
-        return layer.train(linear.training)
+        config = {
+            "in_features": linear.in_features,
+            "out_features": linear.out_features,
+            "rank": rank,
+            "bias": linear.bias is not None,
+        }
+        return Fit(config, {"output_factor": output_factor, "input_factor": input_factor})
 
     def get_config(self) -> Dict[str, Any]:
         """Constructor arguments that rebuild this layer's structure (JSON-serialisable).
@@ -299,14 +263,13 @@ class SVDLinear(ConfigMixin, nn.Module):
             "bias": self.bias is not None,
         }
 
-    def truncated(self, rank: RankSpec) -> SVDLinear:
-        """A lower-rank copy: the best approximation of this layer's weight at ``rank``.
+    def truncate_factors(self, rank: RankSpec) -> Fit:
+        """The factors of :meth:`truncated`: the best approximation of this layer's weight.
 
         Re-decomposes the factors (QR of each, SVD of the ``rank x rank`` product,
         :func:`~factorized_layers.decompose.reduce_low_rank`), never the dense weight,
         so a fine-tuned layer can be compressed further; the weight error is the
-        Eckart--Young optimum for ``dense_weight()``. Device, dtype, bias,
-        ``requires_grad`` flags and ``training`` are kept.
+        Eckart--Young optimum for ``dense_weight()``.
 
         Args:
             rank: As the constructor's ``rank`` (``int``, or ``float`` fraction of the
@@ -318,23 +281,11 @@ class SVDLinear(ConfigMixin, nn.Module):
             4
         """
         new_rank = min(resolve_matrix_rank(rank, self.out_features, self.in_features), self.rank)
-        with torch.device("meta"):
-            layer = type(self)(
-                self.in_features,
-                self.out_features,
-                new_rank,
-                bias=self.bias is not None,
-                dtype=self.input_factor.dtype,
-            )
-        with torch.no_grad():
-            output_factor, input_factor = reduce_low_rank(
-                self.output_factor, self.input_factor, new_rank
-            )
-            layer.output_factor = trainable_like(output_factor, self.output_factor)
-            layer.input_factor = trainable_like(input_factor, self.input_factor)
-            if self.bias is not None:
-                layer.bias = trainable_like(self.bias.detach().clone(), self.bias)
-        return layer.train(self.training)
+        output_factor, input_factor = reduce_low_rank(
+            self.output_factor, self.input_factor, new_rank
+        )
+        config = dict(self.get_config(), rank=new_rank)
+        return Fit(config, {"output_factor": output_factor, "input_factor": input_factor})
 
     def extra_repr(self) -> str:
         return (

@@ -30,15 +30,10 @@ from ..ranks import (
     tucker_params,
 )
 from ..tensorize import check_tensorization, tensorize, tensorize_candidates
-from .base import (
-    ConfigMixin,
-    check_source,
-    fast_parameter,
-    resolve_layer_rank,
-    to_dense_linear,
-    trainable_like,
-)
-from .svd import Calibration, SVDLinear, _gram_of
+from ..registry import Capabilities, register_layer
+from ..sources import LinearSource
+from .base import Calibration, FactorizedLayer, Fit, fast_parameter
+from .svd import SVDLinear
 
 __all__ = ["TuckerLinear", "TensorizationCandidate", "TensorizationReport"]
 
@@ -105,7 +100,52 @@ def _shapes(
     return outs, ins
 
 
-class TuckerLinear(ConfigMixin, nn.Module):
+def _factor_names(n_out: int, n_in: int) -> Tuple[str, ...]:
+    """Parameter names of the factors, output modes first."""
+    return tuple(f"out_factor_{k}" for k in range(n_out)) + tuple(
+        f"in_factor_{k}" for k in range(n_in)
+    )
+
+
+def _candidates(
+    in_features: int,
+    out_features: int,
+    rank: object,
+    in_shape: Sequence[int] | None,
+    out_shape: Sequence[int] | None,
+    max_modes: int,
+    meta: bool,
+) -> Tuple[list, int | None]:
+    """The tensorizations ``from_dense`` tries, and the parameter budget of a float rank.
+
+    Every candidate of :func:`~factorized_layers.tensorize.tensorize_candidates` that
+    fits the budget with rank 1 in every mode for a float rank without given shapes
+    (on real weights); the given or default tensorization otherwise.
+    """
+    is_float = (
+        isinstance(rank, numbers.Real)
+        and not isinstance(rank, numbers.Integral)
+        and not isinstance(rank, bool)
+    )
+    if in_shape is None and out_shape is None and is_float and not meta:
+        candidates = tensorize_candidates(out_features, in_features, max_modes)
+    else:
+        candidates = [_shapes(in_features, out_features, in_shape, out_shape)]
+    if not is_float:
+        return candidates, None
+    fraction = float(rank)
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"a float rank is a fraction of parameters in (0, 1], got {rank!r}")
+    budget = int(math.floor(fraction * in_features * out_features + 1e-9))
+    fitting = [(o, i) for o, i in candidates if tucker_params(o + i, (1,) * len(o + i)) <= budget]
+    if not fitting:
+        # Let the rank resolution raise its message naming the valid range.
+        resolve_tucker_ranks(rank, candidates[-1][0] + candidates[-1][1])
+    return fitting or candidates, budget
+
+
+@register_layer
+class TuckerLinear(FactorizedLayer):
     r"""Linear layer whose weight, seen as a tensor, is a Tucker product.
 
     The ``(out_features, in_features)`` weight is reshaped (row-major) into a tensor
@@ -174,6 +214,15 @@ class TuckerLinear(ConfigMixin, nn.Module):
         True
     """
 
+    source = LinearSource()
+    capabilities = Capabilities(
+        calibration=True,
+        rank_profile=True,
+        truncation=True,
+        ridge_option="ridge",
+        profile_options=("ridge",),
+        truncation_options=("n_iter", "tol"),
+    )
     in_features: int
     out_features: int
     in_shape: Shape
@@ -203,8 +252,8 @@ class TuckerLinear(ConfigMixin, nn.Module):
         self.tensorization_report: TensorizationReport | None = None
         self._plan = tucker_plan(self.out_shape, self.in_shape, self.out_ranks, self.in_ranks)
         self.core = nn.Parameter(torch.empty(self.rank, **factory_kwargs))
-        self._out_names = tuple(f"out_factor_{k}" for k in range(n_out))
-        self._in_names = tuple(f"in_factor_{k}" for k in range(len(self.in_shape)))
+        names = _factor_names(n_out, len(self.in_shape))
+        self._out_names, self._in_names = names[:n_out], names[n_out:]
         for names, shape, ranks in (
             (self._out_names, self.out_shape, self.out_ranks),
             (self._in_names, self.in_shape, self.in_ranks),
@@ -271,10 +320,6 @@ class TuckerLinear(ConfigMixin, nn.Module):
             self.core, self.out_factors(), self.in_factors(), plan=self._plan
         )
 
-    def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` computing the same function, on the same device and dtype."""
-        return to_dense_linear(self, self.dense_weight())
-
     def flops_per_position(self) -> int:
         """Multiply-accumulates per input row (token) of the input-first schedule."""
         return tucker_linear_flops(self.out_shape, self.in_shape, self.out_ranks, self.in_ranks)[0]
@@ -317,21 +362,35 @@ class TuckerLinear(ConfigMixin, nn.Module):
         )
 
     @classmethod
-    def from_dense(
+    def _resolve_rank(cls, linear, spec, gram, options):
+        if isinstance(spec, POLICY_TYPES) and (
+            options.get("in_shape") is not None or options.get("out_shape") is not None
+        ):
+            raise ValueError(
+                f"rank policy {spec!r} chooses among tensorizations itself; "
+                "give an int, tuple or float rank together with in_shape/out_shape"
+            )
+        return super()._resolve_rank(linear, spec, gram, options)
+
+    @classmethod
+    def fit_factors(
         cls,
         linear: nn.Linear,
         rank: object,
         *,
+        gram: torch.Tensor | None = None,
         in_shape: Sequence[int] | None = None,
         out_shape: Sequence[int] | None = None,
         n_iter: int = 30,
         tol: float = 1e-6,
         compute_dtype: torch.dtype | None = None,
         max_modes: int = 3,
-        calibration: Calibration = None,
         ridge: float = 1e-6,
-    ) -> TuckerLinear:
-        """Tucker approximation of a trained ``nn.Linear`` by HOSVD + HOOI.
+    ) -> Fit:
+        """Tucker factors of a trained ``nn.Linear`` by HOSVD + HOOI: the fit of :meth:`from_dense`.
+
+        ``TuckerLinear.from_dense(linear, rank, calibration=None, **options)`` takes
+        these options.
 
         *Tensorization.* With ``in_shape``/``out_shape`` given (a missing one gets
         the default), that tensorization is used. Without them and with a ``float``
@@ -380,13 +439,10 @@ class TuckerLinear(ConfigMixin, nn.Module):
             tol: HOOI stops when a sweep improves the relative error by less.
             compute_dtype: ``torch.float32`` or ``torch.float64``.
             max_modes: Most modes per side among the candidates.
-            calibration: ``InputStats`` or an ``(in, in)`` Gram matrix, or ``None``.
+            gram: The ``(in, in)`` input Gram matrix from ``calibration``, or ``None``.
             ridge: Relative ridge of the whitening (see
                 :func:`factorized_layers.decompose.whitened_tucker`); used only with
                 calibration.
-
-        Returns:
-            A new :class:`TuckerLinear`; ``linear`` is left unchanged.
 
         Examples:
             >>> dense = nn.Linear(24, 16)
@@ -394,74 +450,30 @@ class TuckerLinear(ConfigMixin, nn.Module):
             >>> torch.allclose(layer.dense_weight(), dense.weight, atol=1e-5)
             True
         """
-        check_source(linear, nn.Linear)
-        gram = _gram_of(calibration)
-        if isinstance(rank, POLICY_TYPES):
-            if in_shape is not None or out_shape is not None:
-                raise ValueError(
-                    f"rank policy {rank!r} chooses among tensorizations itself; "
-                    "give an int, tuple or float rank together with in_shape/out_shape"
-                )
-            rank = resolve_layer_rank(
-                cls, linear, rank, lambda spec: spec, calibration=gram, ridge=ridge
-            )
         in_features, out_features = linear.in_features, linear.out_features
         weight = linear.weight
-        is_float = (
-            isinstance(rank, numbers.Real)
-            and not isinstance(rank, numbers.Integral)
-            and not isinstance(rank, bool)
+        candidates, budget = _candidates(
+            in_features, out_features, rank, in_shape, out_shape, max_modes, weight.device.type == "meta"
         )
-        if in_shape is None and out_shape is None and is_float and weight.device.type != "meta":
-            candidates = tensorize_candidates(out_features, in_features, max_modes)
-        else:
-            candidates = [_shapes(in_features, out_features, in_shape, out_shape)]
-        budget = None
-        if is_float:
-            fraction = float(rank)
-            if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
-                raise ValueError(
-                    f"a float rank is a fraction of parameters in (0, 1], got {rank!r}"
-                )
-            budget = int(math.floor(fraction * in_features * out_features + 1e-9))
-            fitting = [
-                (o, i) for o, i in candidates if tucker_params(o + i, (1,) * len(o + i)) <= budget
-            ]
-            if not fitting:
-                # Let the rank resolution raise its message naming the valid range.
-                resolve_tucker_ranks(rank, candidates[-1][0] + candidates[-1][1])
-            candidates = fitting or candidates
-
-        with torch.no_grad():
-            results = []
-            for outs, ins in candidates:
-                results.append(
-                    _decompose(
-                        weight, outs, ins, rank, budget, n_iter, tol, compute_dtype, gram, ridge
-                    )
-                )
-            chosen = _choose([r[0] for r in results], calibrated=gram is not None)
-            report = TensorizationReport(tuple(r[0] for r in results), chosen, budget)
-            best, core, factors = results[chosen]
-            with torch.device("meta"):
-                layer = cls(
-                    in_features,
-                    out_features,
-                    best.ranks,
-                    in_shape=best.in_shape,
-                    out_shape=best.out_shape,
-                    bias=linear.bias is not None,
-                    dtype=weight.dtype,
-                )
-            layer.core = trainable_like(core.to(weight.dtype), weight)
-            for name, factor in zip(layer._out_names + layer._in_names, factors):
-                if factor is not None:
-                    setattr(layer, name, trainable_like(factor.to(weight.dtype), weight))
-            if linear.bias is not None:
-                layer.bias = trainable_like(linear.bias.detach().clone(), linear.bias)
-        layer.tensorization_report = report
-        return layer.train(linear.training)
-
+        results = [
+            _decompose(weight, outs, ins, rank, budget, n_iter, tol, compute_dtype, gram, ridge)
+            for outs, ins in candidates
+        ]
+        chosen = _choose([r[0] for r in results], calibrated=gram is not None)
+        report = TensorizationReport(tuple(r[0] for r in results), chosen, budget)
+        best, core, factors = results[chosen]
+        config = {
+            "in_features": in_features,
+            "out_features": out_features,
+            "rank": best.ranks,
+            "in_shape": best.in_shape,
+            "out_shape": best.out_shape,
+            "bias": linear.bias is not None,
+        }
+        names = _factor_names(len(best.out_shape), len(best.in_shape))
+        values = {"core": core}
+        values.update((name, f) for name, f in zip(names, factors) if f is not None)
+        return Fit(config, values, {"tensorization_report": report})
     def get_config(self) -> Dict[str, Any]:
         """Constructor arguments that rebuild this layer's structure (JSON-serialisable).
 
@@ -478,8 +490,8 @@ class TuckerLinear(ConfigMixin, nn.Module):
             "bias": self.bias is not None,
         }
 
-    def truncated(self, rank: object, *, n_iter: int = 30, tol: float = 1e-6) -> TuckerLinear:
-        """A copy with lower multilinear ranks, by HOOI on this layer's own core.
+    def truncate_factors(self, rank: object, *, n_iter: int = 30, tol: float = 1e-6) -> Fit:
+        """The factors of :meth:`truncated`: lower multilinear ranks by HOOI on the own core.
 
         Re-decomposes the core and factors
         (:func:`~factorized_layers.decompose.reduce_tucker`: orthonormalise the
@@ -505,31 +517,14 @@ class TuckerLinear(ConfigMixin, nn.Module):
         ranks = tuple(min(r, current) for r, current in zip(requested, self.rank))
         factors = self.out_factors() + self.in_factors()
         result = reduce_tucker(self.core, factors, ranks, n_iter=n_iter, tol=tol)
-        with torch.device("meta"):
-            layer = type(self)(
-                self.in_features,
-                self.out_features,
-                ranks,
-                in_shape=self.in_shape,
-                out_shape=self.out_shape,
-                bias=self.bias is not None,
-                dtype=self.core.dtype,
-            )
         core = result.core
-        with torch.no_grad():
-            for k, (factor, n, r) in enumerate(zip(result.factors, shape, ranks)):
-                if r == n:
-                    core = mode_dot(core, factor, k)
-            layer.core = trainable_like(core, self.core)
-            for name, factor, old, n, r in zip(
-                layer._out_names + layer._in_names, result.factors, factors, shape, ranks
-            ):
-                if r < n:
-                    reference = self.core if old is None else old
-                    setattr(layer, name, trainable_like(factor, reference))
-            if self.bias is not None:
-                layer.bias = trainable_like(self.bias.detach().clone(), self.bias)
-        return layer.train(self.training)
+        for k, (factor, n, r) in enumerate(zip(result.factors, shape, ranks)):
+            if r == n:
+                core = mode_dot(core, factor, k)
+        values = {"core": core}
+        names = self._out_names + self._in_names
+        values.update((name, f) for name, f, n, r in zip(names, result.factors, shape, ranks) if r < n)
+        return Fit(dict(self.get_config(), rank=list(ranks)), values)
 
     def extra_repr(self) -> str:
         return (

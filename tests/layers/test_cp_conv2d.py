@@ -727,7 +727,7 @@ def test_bad_constructor_arguments_raise_value_error(kwargs, match):
 
 
 def test_grouped_source_and_wrong_module_are_rejected():
-    with pytest.raises(ValueError, match=r"groups=1 only, got a source with groups=2.*nn.Conv2d"):
+    with pytest.raises(ValueError, match=r"CPConv2d cannot convert.*groups=2.*nn.Conv2d"):
         CPConv2d.from_dense(nn.Conv2d(4, 8, 3, groups=2), 2)
     with pytest.raises(TypeError, match="from_dense expects an nn.Conv2d.*got Linear"):
         CPConv2d.from_dense(nn.Linear(4, 8), 2)

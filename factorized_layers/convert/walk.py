@@ -1,0 +1,170 @@
+"""Walking a model: selecting target layers by type, name and filter, and swapping them.
+
+Swaps move the hook dictionaries of the old module to the new one and replace the
+module under every parent that holds it (shared modules stay shared).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..registry import registered_layers
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+_READ_BY_PARENT = {
+    nn.MultiheadAttention: (("out_proj",), "whose forward reads its weight directly"),
+    nn.TransformerEncoderLayer: (
+        ("linear1", "linear2"),
+        "whose eval fast path reads their weights directly",
+    ),
+}
+"""Layers whose parent module uses their ``.weight`` tensor instead of calling them."""
+
+
+def _read_by_parent(model: nn.Module) -> Dict[int, str]:
+    """id(layer) -> why ``model`` cannot convert it: its parent reads its ``.weight`` directly."""
+    return {
+        id(getattr(parent, name)): f"{name} of nn.{type(parent).__name__}, {why}"
+        for parent in model.modules()
+        for owner, (names, why) in _READ_BY_PARENT.items()
+        if isinstance(parent, owner)
+        for name in names
+    }
+
+
+def _matches(fqn: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], fqn) is not None
+    return fqn == pattern or fqn.endswith("." + pattern)
+
+
+def _check_patterns(name: str, patterns: Sequence[str] | None) -> Tuple[str, ...] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{name} patterns must be strings, got {pattern!r}")
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ValueError(
+                    f"{name} pattern {pattern!r} is not a valid regex: {exc}"
+                ) from None
+    return patterns
+
+
+def _target_class(module: nn.Module, mapping: Mapping[type, type]) -> type | None:
+    exact = mapping.get(type(module))
+    if exact is not None:
+        return exact
+    for source, target in mapping.items():
+        if isinstance(module, source):
+            return target
+    return None
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters live on meta (for free shape checks)."""
+    twin = copy.copy(module)
+    twin._parameters = {
+        name: None
+        if p is None
+        else nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for name, p in module._parameters.items()
+    }
+    return twin
+
+
+def _progress(items: Sequence[Any], enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _plain_progress(items)
+    return tqdm(items, desc="factorize_", unit="layer")
+
+
+def _plain_progress(items: Sequence[Any]) -> Iterator[Any]:
+    for i, item in enumerate(items, 1):
+        print(f"factorize_ [{i}/{len(items)}] {item[0]}", file=sys.stderr, flush=True)
+        yield item
+
+
+def _parents(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
+    """id(child) -> every (parent, attribute) that holds it (shared modules have several)."""
+    parents: Dict[int, List[Tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                parents.setdefault(id(child), []).append((parent, attr))
+    return parents
+
+
+def _swap(old: nn.Module, new: nn.Module, parents: List[Tuple[nn.Module, str]]) -> None:
+    # Move (not copy) the hook dicts, so that handles returned by register_*_hook on the
+    # old module still remove the hooks from the new one.
+    for attr in _HOOK_DICTS:
+        if attr in old.__dict__:
+            setattr(new, attr, getattr(old, attr))
+    new._is_full_backward_hook = old._is_full_backward_hook
+    for parent, attr in parents:
+        setattr(parent, attr, new)
+
+
+def _collect_targets(
+    model: nn.Module,
+    mapping: Mapping[type, type],
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+    include: Tuple[str, ...] | None,
+    exclude: Tuple[str, ...] | None,
+) -> List[Tuple[str, nn.Module, type]]:
+    candidates = [
+        (fqn, module, target)
+        for fqn, module in model.named_modules()
+        if fqn and (target := _target_class(module, mapping)) is not None
+    ]
+    # Already-factorized layers count as matches, so that a second call with the same
+    # patterns is a no-op rather than an error.
+    known = [fqn for fqn, _, _ in candidates] + [
+        fqn for fqn, module in model.named_modules() if isinstance(module, tuple(registered_layers()))
+    ]
+    for name, patterns in (("include", include), ("exclude", exclude)):
+        if patterns:
+            unmatched = [p for p in patterns if not any(_matches(fqn, p) for fqn in known)]
+            if unmatched:
+                raise ValueError(
+                    f"{name} pattern(s) {unmatched} match no layer of a converted type; "
+                    f"candidates are {[fqn for fqn, _, _ in candidates][:20]}"
+                )
+    selected = []
+    for fqn, module, target in candidates:
+        if include is not None and not any(_matches(fqn, p) for p in include):
+            continue
+        if exclude is not None and any(_matches(fqn, p) for p in exclude):
+            continue
+        if filter_fn is not None and not filter_fn(module, fqn):
+            continue
+        selected.append((fqn, module, target))
+    return selected

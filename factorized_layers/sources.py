@@ -1,0 +1,177 @@
+"""Source adapters: what the library needs to know about each dense module type.
+
+A factorized layer replaces a dense module (``nn.Linear``, ``nn.Conv1d/2d/3d``). Everything
+that depends on the dense type -- the size of the input statistic, the dense cost,
+how a batch of inputs becomes rows of feature vectors for a Gram matrix, how the dense
+module is rebuilt by ``to_dense`` and how two modules are compared when a checkpoint is
+loaded -- lives in one adapter per type. :mod:`~factorized_layers.convert`,
+:mod:`~factorized_layers.calibrate`, :mod:`~factorized_layers.sequential` and
+:mod:`~factorized_layers.checkpoint` ask the adapter and never branch on a layer type.
+A new dense type (say ``nn.Embedding``) is one new adapter here.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["SourceAdapter", "LinearSource", "ConvSource", "source_adapters", "source_for"]
+
+
+class SourceAdapter:
+    """The dense-type-specific pieces of conversion, calibration and checkpoints.
+
+    Attributes:
+        module_type: The dense module type (subclasses are accepted too).
+        exact_output_error: Whether the input Gram determines the layer's output error
+            exactly (a linear layer), so reports can give it.
+    """
+
+    module_type: type = nn.Module
+    exact_output_error: bool = False
+
+    def check(self, module: nn.Module, layer_name: str) -> None:
+        """Raise ``TypeError`` unless ``module`` is of :attr:`module_type`."""
+        if not isinstance(module, self.module_type):
+            raise TypeError(
+                f"{layer_name}.from_dense expects an nn.{self.module_type.__name__} "
+                f"(or a subclass), got {type(module).__name__}"
+            )
+
+    def in_features(self, module: nn.Module) -> int:
+        """Size of an input feature vector (the side of the calibration Gram)."""
+        raise NotImplementedError
+
+    def dense_flops(self, module: nn.Module) -> int:
+        """Multiply-accumulates of the dense module per output position."""
+        raise NotImplementedError
+
+    def input_rows(self, value: torch.Tensor) -> torch.Tensor:
+        """The input as ``(..., in_features)``: one feature vector per position."""
+        raise NotImplementedError
+
+    def bias_shape(self) -> Tuple[int, ...]:
+        """View of the bias that broadcasts over an output."""
+        raise NotImplementedError
+
+    def rebuild(self, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+        """A dense module with ``layer``'s options and bias computing with ``weight``."""
+        raise NotImplementedError
+
+    def describe(self, module: nn.Module) -> str:
+        """The structure that must match when a checkpoint plan is applied."""
+        return f"{self.module_type.__name__}({self.module_type.extra_repr(module)})"
+
+
+def fill_dense(dense: nn.Module, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """Give a (meta-built) dense ``dense`` the weight ``weight`` and ``layer``'s bias.
+
+    The weight is trainable when any factor of ``layer`` is, the bias copies its
+    source's flag, and ``dense`` takes ``layer``'s ``training`` mode.
+    """
+    bias = getattr(layer, "bias", None)
+    trainable = any(p.requires_grad for p in layer.parameters() if p is not bias)
+    with torch.no_grad():
+        dense.weight = nn.Parameter(weight.detach().clone(), requires_grad=trainable)
+        if bias is not None:
+            dense.bias = nn.Parameter(
+                bias.detach().clone().contiguous(), requires_grad=bias.requires_grad
+            )
+    return dense.train(layer.training)
+
+
+class LinearSource(SourceAdapter):
+    """``nn.Linear``: rows are the last dimension; the Gram fixes the output error."""
+
+    module_type = nn.Linear
+    exact_output_error = True
+
+    def in_features(self, module: nn.Module) -> int:
+        return module.in_features
+
+    def dense_flops(self, module: nn.Module) -> int:
+        return module.in_features * module.out_features
+
+    def input_rows(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def bias_shape(self) -> Tuple[int, ...]:
+        return (-1,)
+
+    def rebuild(self, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+        with torch.device("meta"):
+            dense = nn.Linear(
+                weight.shape[1],
+                weight.shape[0],
+                bias=getattr(layer, "bias", None) is not None,
+                dtype=weight.dtype,
+            )
+        return fill_dense(dense, layer, weight)
+
+
+class ConvSource(SourceAdapter):
+    """``nn.Conv1d/2d/3d``: rows are the input channels at every batch element and position.
+
+    Args:
+        dims: Number of spatial dimensions (1, 2 or 3).
+    """
+
+    _TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+        self.module_type = self._TYPES[dims]
+
+    def in_features(self, module: nn.Module) -> int:
+        return module.in_channels
+
+    def dense_flops(self, module: nn.Module) -> int:
+        # One output position of every output channel.
+        return module.weight.numel()
+
+    def input_rows(self, value: torch.Tensor) -> torch.Tensor:
+        # Channels last, for batched (N, C, *S) and unbatched (C, *S) inputs alike.
+        return value.movedim(-(self.dims + 1), -1)
+
+    def bias_shape(self) -> Tuple[int, ...]:
+        return (-1,) + (1,) * self.dims
+
+    def rebuild(self, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+        with torch.device("meta"):
+            dense = self.module_type(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                bias=getattr(layer, "bias", None) is not None,
+                padding_mode=layer.padding_mode,
+                dtype=weight.dtype,
+            )
+        return fill_dense(dense, layer, weight)
+
+
+_ADAPTERS: Tuple[SourceAdapter, ...] = (LinearSource(), ConvSource(1), ConvSource(2), ConvSource(3))
+
+
+def source_adapters() -> Dict[type, SourceAdapter]:
+    """``{dense module type: adapter}`` of every supported dense type."""
+    return {adapter.module_type: adapter for adapter in _ADAPTERS}
+
+
+def source_for(module: nn.Module) -> SourceAdapter | None:
+    """The adapter of ``module``'s dense type (most specific first), or ``None``.
+
+    Examples:
+        >>> source_for(nn.Conv1d(2, 3, 3)).dims, source_for(nn.ReLU()) is None
+        (1, True)
+    """
+    for cls in type(module).__mro__:
+        for adapter in _ADAPTERS:
+            if adapter.module_type is cls:
+                return adapter
+    return None
+
