@@ -1,16 +1,18 @@
 """Assertion helpers, tolerances and hypothesis strategies shared by the test suite.
 
-Importing this module needs ``hypothesis`` (the ``test`` extra); the library
-itself never imports it.
+Importing this module needs only torch; the strategies import ``hypothesis`` (the
+``test`` extra) when they are called. The library itself never imports it.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-from hypothesis import strategies as st
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
 
 __all__ = [
     "TOLERANCES",
@@ -79,13 +81,17 @@ def supported_dtypes(device: str) -> List[torch.dtype]:
     return dtypes
 
 
-def feature_sizes(max_size: int = 300) -> st.SearchStrategy[int]:
+def feature_sizes(max_size: int = 300) -> SearchStrategy[int]:
     """Feature sizes from 1 to ``max_size``, shrinking towards small layers."""
+    from hypothesis import strategies as st
+
     return st.integers(min_value=1, max_value=max_size)
 
 
-def leading_shapes(max_dims: int = 3, max_side: int = 4) -> st.SearchStrategy[Tuple[int, ...]]:
+def leading_shapes(max_dims: int = 3, max_side: int = 4) -> SearchStrategy[Tuple[int, ...]]:
     """Batch shapes with 0..``max_dims`` leading dimensions, empty sizes included."""
+    from hypothesis import strategies as st
+
     return st.lists(
         st.integers(min_value=0, max_value=max_side), min_size=0, max_size=max_dims
     ).map(tuple)
