@@ -11,8 +11,9 @@ labels the natural target is the dense model the student was converted from:
 Two schedules:
 
 - ``mode="global"``: the whole student against the whole teacher (logit KL with a
-  temperature when the output has ``logits``, else relative MSE plus cosine of the
-  main output tensor; optionally plus the outputs of named modules).
+  temperature when the output has ``logits``, else relative MSE of the main output
+  tensor plus the cosine of its mean over the sequence, padding left out when the batch
+  has an ``attention_mask``; optionally plus the outputs of named modules).
 - ``mode="local"``: block by block (the repeated blocks that sequential calibration
   finds, e.g. ``model.layers``): each student block learns to reproduce the teacher
   block's output from the student's *own* inputs, on cached block inputs. A step costs
@@ -89,20 +90,64 @@ def _check_shapes(student: torch.Tensor, teacher: torch.Tensor, what: str) -> No
         )
 
 
-def _hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Relative MSE plus ``1 - cosine`` of the features along the last dimension."""
+def _hidden_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    pooled: bool = True,
+) -> torch.Tensor:
+    """Relative MSE plus ``1 - cosine`` of the features (last dimension).
+
+    ``mask`` (the leading dimensions of the outputs, e.g. an attention mask) leaves
+    padding positions out of both terms. With ``pooled`` a ``(batch, sequence,
+    features)`` output is compared by the cosine of its masked mean over the sequence
+    (the sentence embedding); otherwise, and for other shapes, position by position.
+    """
     student, teacher = student.float(), teacher.float()
-    mse = (student - teacher).square().mean() / teacher.square().mean().clamp_min(1e-12)
-    cosine = F.cosine_similarity(student, teacher, dim=-1, eps=1e-8).mean()
+    weights = None
+    if mask is not None and tuple(mask.shape) == tuple(student.shape[:-1]):
+        weights = mask.to(device=student.device, dtype=student.dtype).unsqueeze(-1)
+    if weights is None:
+        mse = (student - teacher).square().mean() / teacher.square().mean().clamp_min(1e-12)
+    else:
+        mse = ((student - teacher).square() * weights).sum() / (
+            (teacher.square() * weights).sum().clamp_min(1e-12)
+        )
+    if pooled and student.dim() == 3:
+        if weights is None:
+            student, teacher = student.mean(1), teacher.mean(1)
+        else:
+            count = weights.sum(1).clamp_min(1.0)
+            student, teacher = (student * weights).sum(1) / count, (teacher * weights).sum(1) / count
+        weights = None
+    cosine = F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
+    if weights is not None:
+        cosine = (cosine * weights.squeeze(-1)).sum() / weights.sum().clamp_min(1.0)
+    else:
+        cosine = cosine.mean()
     return mse + (1 - cosine)
 
 
-def distillation_loss(student_output: Any, teacher_output: Any, temperature: float = 1.0):
+def _attention_mask(batch: Any) -> torch.Tensor | None:
+    """The ``attention_mask`` of a dict batch (positions that count), else ``None``."""
+    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return batch["attention_mask"]
+    return None
+
+
+def distillation_loss(
+    student_output: Any,
+    teacher_output: Any,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+):
     """The default loss: logit KL when both outputs have ``logits``, else hidden-state loss.
 
     KL divergence ``KL(softmax(t / T) || softmax(s / T)) * T^2`` averaged over every
     prediction (token or sample); otherwise relative MSE plus ``1 - cosine`` of the
-    main output tensors (``last_hidden_state``, the tensor itself, or the first one).
+    pooled main output tensors (``last_hidden_state``, the tensor itself, or the first
+    one): a ``(batch, sequence, features)`` output is mean-pooled over the sequence,
+    ``mask`` (an attention mask) leaving padding out of both terms.
 
     Raises:
         ValueError: The outputs differ in shape (both shapes are named).
@@ -122,7 +167,7 @@ def distillation_loss(student_output: Any, teacher_output: Any, temperature: flo
         return divergence * temperature**2
     student_tensor, teacher_tensor = first_tensor(student_output), first_tensor(teacher_output)
     _check_shapes(student_tensor, teacher_tensor, "outputs")
-    return _hidden_loss(student_tensor, teacher_tensor)
+    return _hidden_loss(student_tensor, teacher_tensor, mask)
 
 
 def _to(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -216,6 +261,7 @@ def distill_(
     steps: int | None = None,
     time_budget: float | None = None,
     lr: float = 1e-4,
+    schedule: str = "cosine",
     mode: str = "global",
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
     temperature: float = 1.0,
@@ -248,7 +294,9 @@ def distill_(
             tuple of positional arguments, dict of keyword arguments).
         steps: Maximum optimizer steps (for ``mode="local"``: per block).
         time_budget: Maximum seconds of training.
-        lr: Adam learning rate.
+        lr: Adam learning rate (the peak, with a schedule).
+        schedule: ``"cosine"`` (decay from ``lr`` to 0 over the steps or the time
+            budget, whichever ends first; per block in local mode) or ``"constant"``.
         mode: ``"global"`` (whole model) or ``"local"`` (block by block).
         loss: ``loss(student_output, teacher_output) -> scalar`` replacing
             :func:`distillation_loss` (global mode).
@@ -295,6 +343,8 @@ def distill_(
         raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be positive, got {lr!r}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     if mode not in ("global", "local"):
         raise ValueError(f"mode must be 'global' or 'local', got {mode!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -316,15 +366,15 @@ def distill_(
         curve = _Curve(student, evaluate, eval_every)
         if mode == "global":
             report = _global(
-                student, batches, params, measure, steps, time_budget, lr, seed, progress,
-                curve,
+                student, batches, params, measure, steps, time_budget, (lr, schedule), seed,
+                progress, curve,
             )  # fmt: skip
         else:
             from .local_distill import distill_blocks
 
             losses, taken, seconds = distill_blocks(
-                student, teacher, batches, params, steps, time_budget, lr, seed, blocks,
-                progress, curve,
+                student, teacher, batches, params, steps, time_budget, (lr, schedule), seed,
+                blocks, progress, curve,
             )  # fmt: skip
             report = DistillReport(losses, taken, seconds, mode="local")
         report.curve = curve.points
@@ -363,7 +413,7 @@ class _Measure:
         if self.loss is not None:
             value = self.loss(output, target)
         else:
-            value = distillation_loss(output, target, self.temperature)
+            value = distillation_loss(output, target, self.temperature, _attention_mask(batch))
         if self.student_features is not None:
             for name, feature in self.student_features.outputs.items():
                 reference = self.teacher_features.outputs[name].to(feature)
@@ -446,12 +496,12 @@ class _Stopper:
         return self.time_budget is not None and self.elapsed() >= self.time_budget
 
 
-def _global(student, batches, params, measure, steps, time_budget, lr, seed, progress, curve):
+def _global(student, batches, params, measure, steps, time_budget, rate, seed, progress, curve):
     frozen = _freeze_others(student, params)
     model = student
     if distributed():
         model = nn.parallel.DistributedDataParallel(student)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(params, lr=rate[0])
     generator = torch.Generator().manual_seed(seed)
     order = _cycle(batches, generator)
     losses: List[float] = []
@@ -463,6 +513,7 @@ def _global(student, batches, params, measure, steps, time_budget, lr, seed, pro
             value = measure(next(order), model)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            _set_learning_rate(optimizer, rate, stopper)
             optimizer.step()
             losses.append(float(value.detach()))
             stopper.taken += 1
@@ -477,6 +528,15 @@ def _global(student, batches, params, measure, steps, time_budget, lr, seed, pro
             p.requires_grad_(flag)
         optimizer.zero_grad(set_to_none=True)
     return DistillReport(losses, stopper.taken, stopper.elapsed(), mode="global")
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, rate: Tuple[float, str], stopper) -> None:
+    """Set the learning rate of the next step: ``(peak, schedule)`` at ``stopper``'s progress."""
+    lr, schedule = rate
+    if schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(_share(stopper), 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _share(stopper: _Stopper) -> float:

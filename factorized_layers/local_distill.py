@@ -29,7 +29,7 @@ def distill_blocks(
     params: List[nn.Parameter],
     steps: int | None,
     time_budget: float | None,
-    lr: float,
+    rate: Tuple[float, str],
     seed: int,
     blocks: str | None,
     progress: bool,
@@ -40,7 +40,14 @@ def distill_blocks(
     ``curve`` (a ``distill._Curve``) evaluates the whole student at the start and after
     every block; its time is kept off the budget.
     """
-    from .distill import _device_of, _freeze_others, _hidden_loss, _Stopper
+    from .distill import (
+        _device_of,
+        _freeze_others,
+        _hidden_loss,
+        _Stopper,
+        _attention_mask,
+        _set_learning_rate,
+    )
 
     chosen = {id(p) for p in params}
     trainable_names = [
@@ -88,7 +95,7 @@ def distill_blocks(
                 if time_budget is not None:
                     remaining = max(time_budget - clock.elapsed(), 0.0) / (len(names) - position)
                 stopper = _Stopper(steps, remaining)
-                optimizer = torch.optim.Adam(own, lr=lr)
+                optimizer = torch.optim.Adam(own, lr=rate[0])
                 while not stopper.done():
                     i = int(torch.randint(len(batches), (1,), generator=generator))
                     output = student_calls[i](block, student_hidden[i])
@@ -98,9 +105,10 @@ def distill_blocks(
                             f"block {name}: student output {tuple(output.shape)} and teacher "
                             f"output {tuple(target.shape)} differ in shape"
                         )
-                    value = _hidden_loss(output, target)
+                    value = _hidden_loss(output, target, _attention_mask(batches[i]), pooled=False)
                     optimizer.zero_grad(set_to_none=True)
                     value.backward()
+                    _set_learning_rate(optimizer, rate, stopper)
                     optimizer.step()
                     losses.append(float(value.detach()))
                     stopper.taken += 1
@@ -113,10 +121,11 @@ def distill_blocks(
                         file=sys.stderr,
                         flush=True,
                     )
-            with torch.no_grad():
-                for i in range(len(batches)):
-                    student_hidden[i] = student_calls[i](block, student_hidden[i]).detach()
-            teacher_hidden = targets
+            if position + 1 < len(names):  # the next block's inputs
+                with torch.no_grad():
+                    for i in range(len(batches)):
+                        student_hidden[i] = student_calls[i](block, student_hidden[i]).detach()
+                teacher_hidden = targets
             if own:
                 curve.record(clock, force=True)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import pytest
@@ -187,3 +188,42 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_whole_batches(tmp_path)
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-9, atol=1e-9, msg=name)
         if name.endswith("_factor"):
             assert not torch.equal(value, initial[name].detach()), f"{name} did not train"
+
+
+def test_hidden_state_loss_ignores_padding_and_compares_pooled_states():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 8)
+    student = teacher + 0.1 * torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    loss = distillation_loss(student, teacher, mask=mask)
+    garbage = student.clone()
+    garbage[0, 3:] = 100.0  # padding positions
+    assert torch.equal(distillation_loss(garbage, teacher, mask=mask), loss)
+    keep = mask.bool()
+    mse = (student - teacher)[keep].square().sum() / teacher[keep].square().sum()
+    weights = mask.unsqueeze(-1).float()
+    pooled_s = (student * weights).sum(1) / weights.sum(1)
+    pooled_t = (teacher * weights).sum(1) / weights.sum(1)
+    cosine = torch.nn.functional.cosine_similarity(pooled_s, pooled_t, dim=-1).mean()
+    torch.testing.assert_close(loss, mse + 1 - cosine)
+
+
+def test_cosine_schedule_decays_the_learning_rate_over_the_steps(monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    student, teacher = _pair()
+    data = _data()
+    distill_(student, teacher, data, steps=4, lr=1e-2)
+    expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert seen == pytest.approx(expected)
+    seen.clear()
+    distill_(student, teacher, data, steps=3, lr=1e-2, schedule="constant")
+    assert seen == pytest.approx([1e-2] * 3)
+    with pytest.raises(ValueError, match="schedule must be 'cosine' or 'constant', got 'linear'"):
+        distill_(student, teacher, data, steps=1, schedule="linear")
