@@ -57,7 +57,8 @@ class DistillReport:
         mode: ``"global"`` or ``"local"``.
         curve: ``(training seconds, steps, evaluate(student))`` points when an
             ``evaluate`` function was given: at the start, every ``eval_every``
-            seconds of training (global) or after every block (local), and at the end.
+            seconds of training (local mode: at the end of the first block after
+            that), and at the end.
     """
 
     losses: List[float]
@@ -313,7 +314,8 @@ def distill_(
         progress: Print a line per 10% of the budget (and per block) on stderr.
         evaluate: ``evaluate(student) -> float``, called under ``no_grad`` for the
             report's ``curve``; its time is not counted in ``time_budget``.
-        eval_every: Seconds of training between evaluations (global mode).
+        eval_every: Seconds of training between evaluations (local mode: between
+            the block ends at which it evaluates).
 
     Returns:
         A :class:`DistillReport`.

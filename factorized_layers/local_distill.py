@@ -37,8 +37,9 @@ def distill_blocks(
 ) -> Tuple[List[float], int, float]:
     """Train the student's blocks one after another; returns (losses, steps, seconds).
 
-    ``curve`` (a ``distill._Curve``) evaluates the whole student at the start and after
-    every block; its time is kept off the budget.
+    ``curve`` (a ``distill._Curve``) evaluates the whole student at the start, after
+    the first block ending ``eval_every`` seconds after the previous evaluation, and at
+    the end; its time is kept off the budget.
     """
     from .distill import (
         _device_of,
@@ -127,7 +128,8 @@ def distill_blocks(
                         student_hidden[i] = student_calls[i](block, student_hidden[i]).detach()
                 teacher_hidden = targets
             if own:
-                curve.record(clock, force=True)
+                curve.record(clock)
+        curve.record(clock, force=not curve.points or curve.points[-1][1] != taken)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)

@@ -166,9 +166,21 @@ def test_transformer_heals_globally_and_block_by_block(mode, tiny_llama):
     ]
     factorize_(student, 0.3, exclude=["lm_head"], calibration=data, progress=False)
     assert isinstance(student.model.layers[0].mlp.up_proj, SVDLinear)
-    report = distill_(student, teacher, data, steps=15, lr=1e-3, mode=mode, held_out=data[:2])
+    calls = []
+
+    def evaluate(model):
+        calls.append(model is student)
+        return float(len(calls))
+
+    report = distill_(
+        student, teacher, data, steps=15, lr=1e-3, mode=mode, held_out=data[:2],
+        evaluate=evaluate, eval_every=1e9,
+    )  # fmt: skip
     assert report.mode == mode
     assert report.held_out_after < report.held_out_before
+    # A long eval_every: only the start and the end are evaluated, in either mode.
+    assert calls == [True, True]
+    assert [point[1] for point in report.curve] == [0, report.steps]
 
 
 def test_local_mode_needs_blocks():
