@@ -12,8 +12,8 @@ from .convert import FactorizationReport, LayerReport, factorize_, truncate_, un
 from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
 from .distill import DistillReport, distill_
 from .layers import CPConv1d, CPConv2d, CPConv3d, FactorizedLayer, SVDLinear, TuckerLinear
-from .registry import Capabilities, register_layer, registered_layers
 from .ranks import EVBMF, Budget, Energy, ErrorBound, RankProfile, RankSpec, resolve_matrix_rank
+from .registry import Capabilities, register_layer, registered_layers
 from .sequential import Sequential
 
 __version__ = "0.1.0"

@@ -6,9 +6,10 @@ targeted ``nn.Linear``, the input second-moment matrix ``G = sum_t x_t x_t^T`` (
 (:func:`factorized_layers.decompose.whitened_low_rank_factors`) then minimises the
 layer's output error on that data instead of its weight error, and whitened Tucker
 (:func:`factorized_layers.decompose.whitened_tucker`) approximately so. For every
-targeted convolution (``nn.Conv1d/2d/3d``) it accumulates the Gram matrix of the input *channels* over every
-batch element and spatial position (float64, ``in_channels x in_channels``, so memory
-does not grow with the kernel size or the image size), which
+targeted convolution (``nn.Conv1d/2d/3d``) it accumulates the Gram matrix of the input
+*channels* over every batch element and spatial position (float64,
+``in_channels x in_channels``, so memory does not grow with the kernel size or the
+image size), which
 :func:`factorized_layers.decompose.whitened_cp_factors` uses to weigh the input-channel
 mode of a CP kernel.
 """

@@ -42,12 +42,12 @@ def distill_blocks(
     the end; its time is kept off the budget.
     """
     from .distill import (
+        _attention_mask,
         _device_of,
         _freeze_others,
         _hidden_loss,
-        _Stopper,
-        _attention_mask,
         _set_learning_rate,
+        _Stopper,
     )
 
     chosen = {id(p) for p in params}

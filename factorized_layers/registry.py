@@ -49,7 +49,14 @@ class Capabilities:
     truncation_options: Tuple[str, ...] = ()
 
 
-_REQUIRED = ("from_dense", "to_dense", "dense_weight", "flops_per_position", "get_config", "from_config")
+_REQUIRED = (
+    "from_dense",
+    "to_dense",
+    "dense_weight",
+    "flops_per_position",
+    "get_config",
+    "from_config",
+)
 
 _SOURCES: Dict[type, Tuple[type, ...]] = {}
 """Factorized layer class -> dense module types it can be built from."""
@@ -62,13 +69,18 @@ def _parameters(function) -> List[str]:
 def _contract_errors(layer_cls: type, capabilities: Capabilities) -> List[str]:
     """What ``layer_cls`` misses of the contract it declares (empty when complete)."""
     errors = [f"no {name}()" for name in _REQUIRED if not callable(getattr(layer_cls, name, None))]
-    errors += [f"{name}() not implemented" for name in sorted(getattr(layer_cls, "__abstractmethods__", ()))]
+    errors += [
+        f"{name}() not implemented"
+        for name in sorted(getattr(layer_cls, "__abstractmethods__", ()))
+    ]
     fit = getattr(layer_cls, "fit_factors", None)
     accepted = set(_parameters(fit)) if callable(fit) else set()
     if capabilities.calibration and "gram" not in accepted:
         errors.append("declares calibration but its fit_factors takes no gram=")
     if capabilities.ridge_option and capabilities.ridge_option not in accepted:
-        errors.append(f"declares ridge_option {capabilities.ridge_option!r}, not an option of fit_factors")
+        errors.append(
+            f"declares ridge_option {capabilities.ridge_option!r}, not an option of fit_factors"
+        )
     profile = getattr(layer_cls, "rank_profile", None)
     if capabilities.rank_profile:
         if not callable(profile):
@@ -138,7 +150,9 @@ def register_layer(layer_cls: type, *source_types: type) -> type:
             raise TypeError(f"register_layer source types must be classes, got {source_type!r}")
     errors = _contract_errors(layer_cls, capabilities_of(layer_cls))
     if errors:
-        raise TypeError(f"{layer_cls.__name__} does not fulfil the layer contract: {'; '.join(errors)}")
+        raise TypeError(
+            f"{layer_cls.__name__} does not fulfil the layer contract: {'; '.join(errors)}"
+        )
     registered = _SOURCES.get(layer_cls)
     if registered is not None and registered != tuple(source_types):
         raise ValueError(

@@ -87,7 +87,8 @@ class Sequential:
 
     Examples:
         >>> Sequential(holdout=0.25, compensation=(0.0, 1.0))
-        Sequential(holdout=0.25, compensation=(0.0, 1.0), ridges=(0.0001, 0.01), blocks=None, max_cache_bytes=4294967296, cache_device='cpu', device=None)
+        Sequential(holdout=0.25, compensation=(0.0, 1.0), ridges=(0.0001, 0.01), blocks=None,
+        max_cache_bytes=4294967296, cache_device='cpu', device=None)
     """
 
     holdout: float = 0.25
@@ -247,9 +248,10 @@ def fit_layer(
     for strength in config.compensation:
         if not score(first_ridge, strength):
             return None
-        if best_strength is not None and errors[(first_ridge, strength)] >= errors[
-            (first_ridge, best_strength)
-        ]:
+        if (
+            best_strength is not None
+            and errors[(first_ridge, strength)] >= errors[(first_ridge, best_strength)]
+        ):
             break  # the held-out error stopped falling along the candidates
         best_strength = strength
     for ridge in config.ridges[1:]:
@@ -312,9 +314,7 @@ def _sequential_convert(model, batches, targets, config, swap) -> float | None:
     held = [_is_held_out(i, config.holdout) for i in range(len(batches))]
     if not any(held) or all(held):
         held = [False] * len(batches)
-    in_blocks = {
-        block: [n for n in names if n.startswith(block + ".")] for block in block_names
-    }
+    in_blocks = {block: [n for n in names if n.startswith(block + ".")] for block in block_names}
     outside = [n for n in names if not any(n in group for group in in_blocks.values())]
     final_error: float | None = None
     if block_names:
@@ -336,7 +336,14 @@ def _sequential_convert(model, batches, targets, config, swap) -> float | None:
                 return calls[i](module, dense_hidden[i])
 
             dense_hidden[:] = _convert_unit(
-                block, twin, run_compressed, run_dense, unit_targets, held, config, swap,
+                block,
+                twin,
+                run_compressed,
+                run_dense,
+                unit_targets,
+                held,
+                config,
+                swap,
                 keep_outputs=[True] * len(batches),
             )
             with torch.no_grad():
@@ -349,8 +356,13 @@ def _sequential_convert(model, batches, targets, config, swap) -> float | None:
         )
         if outside:
             final_error = _whole_model(
-                model, dense_twin_of_rest, batches, [by_name[n] for n in outside], held,
-                config, swap,
+                model,
+                dense_twin_of_rest,
+                batches,
+                [by_name[n] for n in outside],
+                held,
+                config,
+                swap,
             )
     else:
         final_error = _whole_model(
@@ -374,7 +386,9 @@ def _whole_model(model, twin, batches, targets, held, config, swap) -> float | N
 def _relative_error(dense: List[torch.Tensor], compressed: List[torch.Tensor]) -> float | None:
     if not dense:
         return None
-    numerator = sum(float((c.double() - d.double()).square().sum()) for d, c in zip(dense, compressed))
+    numerator = sum(
+        float((c.double() - d.double()).square().sum()) for d, c in zip(dense, compressed)
+    )
     denominator = sum(float(d.double().square().sum()) for d in dense)
     return math.sqrt(numerator / max(denominator, 1e-300))
 

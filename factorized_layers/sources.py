@@ -174,4 +174,3 @@ def source_for(module: nn.Module) -> SourceAdapter | None:
             if adapter.module_type is cls:
                 return adapter
     return None
-

@@ -14,7 +14,6 @@ from factorized_layers import SVDLinear, distill_, factorize_
 from factorized_layers.distill import distillation_loss
 
 
-
 def _pair(seed: int = 0):
     torch.manual_seed(seed)
     teacher = nn.Sequential(

@@ -27,7 +27,9 @@ class DiagonalLinear(FactorizedLayer):
         super().__init__()
         self.features, self.rank = features, features
         self.diagonal = nn.Parameter(torch.ones(features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(features, device=device, dtype=dtype)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(features, device=device, dtype=dtype)) if bias else None
+        )
 
     def forward(self, x):
         return x * self.diagonal + (0 if self.bias is None else self.bias)
@@ -71,7 +73,9 @@ def test_a_complete_family_registers_and_gets_the_shared_skeleton():
 def test_registering_again_is_a_no_op_and_other_sources_are_refused():
     register_layer(SVDLinear, nn.Linear)
     assert registry.registered_layers()[SVDLinear] == (nn.Linear,)
-    with pytest.raises(ValueError, match=r"already registered for \['Linear'\], not \['Bilinear'\]"):
+    with pytest.raises(
+        ValueError, match=r"already registered for \['Linear'\], not \['Bilinear'\]"
+    ):
         register_layer(SVDLinear, nn.Bilinear)
 
 
@@ -94,7 +98,10 @@ def test_incomplete_classes_are_refused_with_what_they_miss():
         def get_config(self):
             return {}
 
-    with pytest.raises(TypeError, match=r"NoFit does not fulfil the layer contract: fit_factors\(\) not implemented"):
+    with pytest.raises(
+        TypeError,
+        match=r"NoFit does not fulfil the layer contract: fit_factors\(\) not implemented",
+    ):
         register_layer(NoFit)
 
     class ClaimsTooMuch(DiagonalLinear):

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 from factorized_layers import Budget, CPConv2d, SVDLinear, factorize_
-from factorized_layers.calibrate import calibrate
-from factorized_layers.ranks import RankProfile, allocate_budget
 from factorized_layers.blocks import find_blocks
+from factorized_layers.calibrate import calibrate
 from factorized_layers.compensation import PairedStats, compensated_weight, held_out_error
+from factorized_layers.ranks import RankProfile, allocate_budget
 from factorized_layers.sequential import Sequential
 
 EXACT = Sequential(holdout=0.0, compensation=(1.0,), ridges=(0.0,), blocks=False)
@@ -135,13 +135,20 @@ def test_an_error_midway_leaves_the_model_unchanged(monkeypatch):
 def test_cnn_with_cp_convolutions():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
     )
     dense = copy.deepcopy(model)
     data = [torch.randn(8, 3, 6, 6) for _ in range(4)]
     report = factorize_(
-        model, 0.5, calibration=data, sequential=True,
+        model,
+        0.5,
+        calibration=data,
+        sequential=True,
         layer_options={CPConv2d: {"seed": 0, "n_iter": 20}},
     )
     assert isinstance(model[0], CPConv2d) and isinstance(model[2], CPConv2d)
@@ -179,8 +186,13 @@ def test_named_blocks_and_bad_options(tiny_llama):
     model = tiny_llama
     data = [{"input_ids": torch.randint(0, 64, (2, 8))} for _ in range(2)]
     with pytest.raises(ValueError, match="not an nn.ModuleList"):
-        factorize_(model, 0.5, exclude=["lm_head"], calibration=data,
-                   sequential=Sequential(blocks="model.norm"))
+        factorize_(
+            model,
+            0.5,
+            exclude=["lm_head"],
+            calibration=data,
+            sequential=Sequential(blocks="model.norm"),
+        )
     with pytest.raises(ValueError, match="needs calibration batches"):
         factorize_(model, 0.5, sequential=True)
     with pytest.raises(ValueError, match="holdout"):
@@ -192,8 +204,13 @@ def test_named_blocks_and_bad_options(tiny_llama):
     with pytest.raises(TypeError, match="sequential must be"):
         factorize_(model, 0.5, calibration=data, sequential="yes")
     with pytest.raises(ValueError, match="max_cache_bytes"):
-        factorize_(model, 0.5, exclude=["lm_head"], calibration=data,
-                   sequential=Sequential(max_cache_bytes=100))
+        factorize_(
+            model,
+            0.5,
+            exclude=["lm_head"],
+            calibration=data,
+            sequential=Sequential(max_cache_bytes=100),
+        )
 
 
 def test_sensitivity_matches_the_jacobian_norm():
@@ -254,9 +271,7 @@ def test_sensitive_budget_protects_the_layer_the_output_depends_on():
     weighted = copy.deepcopy(model)
     factorize_(weighted, Budget(params=0.4), calibration=data, allow_larger=True)
     plain = copy.deepcopy(model)
-    factorize_(
-        plain, Budget(params=0.4, sensitivity=False), calibration=data, allow_larger=True
-    )
+    factorize_(plain, Budget(params=0.4, sensitivity=False), calibration=data, allow_larger=True)
     assert weighted.loud.rank > plain.loud.rank
     x = torch.randn(256, 24)
     with torch.no_grad():
@@ -409,8 +424,9 @@ def test_blocks_called_with_different_arguments_fall_back_to_whole_model_passes(
     for a, b in zip(model.parameters(), whole.parameters()):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="not all called with the same arguments"):
-        factorize_(copy.deepcopy(dense), 4, calibration=data,
-                   sequential=Sequential(blocks="layers"))
+        factorize_(
+            copy.deepcopy(dense), 4, calibration=data, sequential=Sequential(blocks="layers")
+        )
 
 
 def test_default_falls_back_to_one_pass_when_the_cache_would_overflow(monkeypatch):

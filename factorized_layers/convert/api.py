@@ -246,9 +246,7 @@ def _convert_in_one_pass(
     return FactorizationReport(rows)
 
 
-def _check_sequential(
-    sequential: bool | Sequential, calibration: Any
-) -> Sequential | None:
+def _check_sequential(sequential: bool | Sequential, calibration: Any) -> Sequential | None:
     if sequential is False:
         return None
     config = Sequential() if sequential is True else sequential

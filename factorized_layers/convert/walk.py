@@ -16,7 +16,6 @@ import torch.nn as nn
 
 from ..registry import registered_layers
 
-
 _HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
@@ -148,7 +147,9 @@ def _collect_targets(
     # Already-factorized layers count as matches, so that a second call with the same
     # patterns is a no-op rather than an error.
     known = [fqn for fqn, _, _ in candidates] + [
-        fqn for fqn, module in model.named_modules() if isinstance(module, tuple(registered_layers()))
+        fqn
+        for fqn, module in model.named_modules()
+        if isinstance(module, tuple(registered_layers()))
     ]
     for name, patterns in (("include", include), ("exclude", exclude)):
         if patterns:

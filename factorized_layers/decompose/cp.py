@@ -3,8 +3,9 @@
 CP-ALS (:func:`cp_als`, :func:`cp_factors` with the weights spread over the
 factors), its data-aware variant :func:`whitened_cp_factors` (in the metric of
 :func:`.whiten.whiten_mode`) and :func:`reduce_cp`, which lowers the rank of a CP
-tensor from its factors. The format and the MTTKRP contractions are in :mod:`.cp_format`, the sweep loop is here; the ALS
-units they drive (update, stop rule, momentum, degeneracy guard) are in :mod:`.als`.
+tensor from its factors. The format and the MTTKRP contractions are in
+:mod:`.cp_format`, the sweep loop is here; the ALS units it drives (update, stop rule,
+momentum, degeneracy guard) are in :mod:`.als`.
 """
 
 from __future__ import annotations

@@ -86,7 +86,6 @@ the channel took 0.84x (rank 37) and 0.96x (rank 93) of the time on NCHW input,
 cache) it took 1.02--1.08x."""
 
 
-
 def cp_convnd(
     input: torch.Tensor,
     out_channel_factor: torch.Tensor,
@@ -164,7 +163,14 @@ def cp_convnd(
     """
     spatial_factors = tuple(spatial_factors)
     kernel_size, stride, dilation, pads, separable = _conv_options(
-        input, in_channel_factor, spatial_factors, stride, padding, dilation, padding_mode, separable
+        input,
+        in_channel_factor,
+        spatial_factors,
+        stride,
+        padding,
+        dilation,
+        padding_mode,
+        separable,
     )
     unbatched = input.dim() == len(spatial_factors) + 1
     if unbatched:
@@ -175,8 +181,8 @@ def cp_convnd(
     if bias is not None and _bias_channel_pays(
         input, out_channel_factor, pads, kernel_size, stride, dilation
     ):
-        in_channel_factor, spatial_factors, out_channel_factor, depthwise_bias = (
-            _with_bias_channel(in_channel_factor, spatial_factors, out_channel_factor, bias)
+        in_channel_factor, spatial_factors, out_channel_factor, depthwise_bias = _with_bias_channel(
+            in_channel_factor, spatial_factors, out_channel_factor, bias
         )
         bias = None
     # 1. in -> rank, written as (N, *spatial, rank).
@@ -358,4 +364,3 @@ def cp_conv2d(
         padding_mode,
         separable,
     )
-

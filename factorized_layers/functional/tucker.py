@@ -473,7 +473,7 @@ def _single_mode_linear(input, batch: int, plan: TuckerPlan, core, out_factors, 
 
 
 def _rotation_chain(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
-    """Input first with rotations: input modes to the front, the core GEMM, output modes to the end."""
+    """Input first with rotations: input modes to the front, core GEMM, output modes to the end."""
     out_modes, in_modes = plan.out_modes, plan.in_modes
     lead = input.shape[:-1]
     if len(in_modes) == 1 and in_modes[0][2] < 0:
@@ -548,4 +548,3 @@ def _modes_in_place(input, batch: int, plan: TuckerPlan, core, out_factors, in_f
 def _input_first(plan: TuckerPlan, batch) -> bool:
     """:func:`tucker_linear_input_first`, as the dispatch in :func:`tucker_linear` calls it."""
     return tucker_linear_input_first(plan, batch)
-

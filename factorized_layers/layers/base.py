@@ -162,7 +162,9 @@ class FactorizedLayer(nn.Module, abc.ABC):
         cls.source.check(module, cls.__name__)
         reason = cls.unsupported_reason(module)
         if reason is not None:
-            raise ValueError(f"{cls.__name__} cannot convert this {type(module).__name__}: {reason}")
+            raise ValueError(
+                f"{cls.__name__} cannot convert this {type(module).__name__}: {reason}"
+            )
         gram = gram_of(calibration)
         fit_options = cls._fit_options(options, gram)
         concrete = cls._resolve_rank(module, rank, gram, options)
@@ -224,7 +226,9 @@ class FactorizedLayer(nn.Module, abc.ABC):
             dtype: Dtype of the parameters.
         """
         if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
-            raise TypeError(f"{cls.__name__}.from_config expects a dict with str keys, got {config!r}")
+            raise TypeError(
+                f"{cls.__name__}.from_config expects a dict with str keys, got {config!r}"
+            )
         options = dict(config)
         settings = {name: options.pop(name) for name in cls._settings() if name in options}
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "device", "dtype"}
@@ -259,7 +263,8 @@ class FactorizedLayer(nn.Module, abc.ABC):
         unknown = sorted(set(options) - accepted)
         if unknown and not takes_any:
             raise TypeError(
-                f"{cls.__name__}.from_dense got unknown option(s) {unknown}; valid: {sorted(accepted)}"
+                f"{cls.__name__}.from_dense got unknown option(s) {unknown}; "
+                f"valid: {sorted(accepted)}"
             )
         if gram is None:
             return dict(options)

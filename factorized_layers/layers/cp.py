@@ -204,7 +204,9 @@ class _CPConvNd(FactorizedLayer):
             torch.empty((in_channels, self.rank), **factory_kwargs)
         )
         for name, k in zip(self._spatial_names(), self.kernel_size):
-            self.register_parameter(name, nn.Parameter(torch.empty((k, self.rank), **factory_kwargs)))
+            self.register_parameter(
+                name, nn.Parameter(torch.empty((k, self.rank), **factory_kwargs))
+            )
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory_kwargs))
         else:
@@ -261,7 +263,7 @@ class _CPConvNd(FactorizedLayer):
         )
 
     def uses_separable(self) -> bool:
-        """Whether the forward pass runs one 1-D depthwise pass per dimension (else one merged kernel)."""
+        """Whether the depthwise step runs one 1-D pass per dimension (else one merged kernel)."""
         if self.separable is None:
             return cp_conv_separable(self.kernel_size)
         return bool(self.separable)
@@ -298,7 +300,7 @@ class _CPConvNd(FactorizedLayer):
 
     @classmethod
     def plain_rank(cls, conv: nn.Module, spec: RankSpec) -> int:
-        """The concrete rank of an ``int``/``float`` spec (:func:`~factorized_layers.ranks.resolve_cp_rank`)."""
+        """The concrete rank of an ``int``/``float`` spec (see ``ranks.resolve_cp_rank``)."""
         return resolve_cp_rank(spec, tuple(conv.weight.shape))
 
     @classmethod
@@ -358,7 +360,12 @@ class _CPConvNd(FactorizedLayer):
             params=tuple(cp_params(shape, r) for r in ranks),
             flops=tuple(
                 cp_conv_flops(
-                    conv.in_channels, out_channels, conv.kernel_size, r, conv.stride, separable=separable
+                    conv.in_channels,
+                    out_channels,
+                    conv.kernel_size,
+                    r,
+                    conv.stride,
+                    separable=separable,
                 )
                 for r in ranks
             ),
@@ -520,7 +527,9 @@ class _CPConvNd(FactorizedLayer):
         shape = (self.out_channels, self.in_channels) + self.kernel_size
         new_rank = min(resolve_cp_rank(rank, shape), self.rank)
         names = self._factor_names()
-        result = reduce_cp([getattr(self, name) for name in names], new_rank, n_iter=n_iter, tol=tol)
+        result = reduce_cp(
+            [getattr(self, name) for name in names], new_rank, n_iter=n_iter, tol=tol
+        )
         attributes = {}
         if self.in_channel_factor.device.type != "meta":
             attributes = {

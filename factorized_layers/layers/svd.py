@@ -188,7 +188,7 @@ class SVDLinear(FactorizedLayer):
 
     @classmethod
     def plain_rank(cls, linear: nn.Linear, spec: RankSpec) -> int:
-        """The concrete rank of an ``int``/``float`` spec (:func:`~factorized_layers.ranks.resolve_matrix_rank`)."""
+        """The concrete rank of an ``int``/``float`` spec (see ``ranks.resolve_matrix_rank``)."""
         return resolve_matrix_rank(spec, linear.out_features, linear.in_features)
 
     @classmethod

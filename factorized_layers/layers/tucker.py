@@ -29,9 +29,9 @@ from ..ranks import (
     tucker_linear_flops,
     tucker_params,
 )
-from ..tensorize import check_tensorization, tensorize, tensorize_candidates
 from ..registry import Capabilities, register_layer
 from ..sources import LinearSource
+from ..tensorize import check_tensorization, tensorize, tensorize_candidates
 from .base import Calibration, FactorizedLayer, Fit, fast_parameter
 from .svd import SVDLinear
 
@@ -453,7 +453,13 @@ class TuckerLinear(FactorizedLayer):
         in_features, out_features = linear.in_features, linear.out_features
         weight = linear.weight
         candidates, budget = _candidates(
-            in_features, out_features, rank, in_shape, out_shape, max_modes, weight.device.type == "meta"
+            in_features,
+            out_features,
+            rank,
+            in_shape,
+            out_shape,
+            max_modes,
+            weight.device.type == "meta",
         )
         results = [
             _decompose(weight, outs, ins, rank, budget, n_iter, tol, compute_dtype, gram, ridge)
@@ -474,6 +480,7 @@ class TuckerLinear(FactorizedLayer):
         values = {"core": core}
         values.update((name, f) for name, f in zip(names, factors) if f is not None)
         return Fit(config, values, {"tensorization_report": report})
+
     def get_config(self) -> Dict[str, Any]:
         """Constructor arguments that rebuild this layer's structure (JSON-serialisable).
 
@@ -523,7 +530,9 @@ class TuckerLinear(FactorizedLayer):
                 core = mode_dot(core, factor, k)
         values = {"core": core}
         names = self._out_names + self._in_names
-        values.update((name, f) for name, f, n, r in zip(names, result.factors, shape, ranks) if r < n)
+        values.update(
+            (name, f) for name, f, n, r in zip(names, result.factors, shape, ranks) if r < n
+        )
         return Fit(dict(self.get_config(), rank=list(ranks)), values)
 
     def extra_repr(self) -> str:

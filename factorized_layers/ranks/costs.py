@@ -23,6 +23,7 @@ __all__ = [
     "tucker_linear_flops",
 ]
 
+
 def low_rank_params(rows: int, cols: int, rank: int) -> int:
     """Number of entries in the two factors of a rank-``rank`` ``rows x cols`` matrix.
 

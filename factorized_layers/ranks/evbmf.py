@@ -12,6 +12,7 @@ from typing import Sequence
 
 __all__ = ["evbmf_rank"]
 
+
 def _evbmf_tau(x: float, alpha: float) -> float:
     """Positive root of the EVBMF shrinkage equation (Nakajima et al. 2013, eq. 15)."""
     shifted = x - (1.0 + alpha)

@@ -28,6 +28,7 @@ __all__ = [
     "allocate_budget",
 ]
 
+
 def _check_fraction(name: str, value: float, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")

@@ -18,7 +18,6 @@ from factorized_layers.decompose import (
     whitened_tucker,
 )
 
-
 # --------------------------------------------------------------------------- HOSVD / HOOI
 
 

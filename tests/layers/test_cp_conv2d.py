@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from factorized_layers.functional import cp as functional
 from factorized_layers.decompose import (
     cp_als,
     cp_to_tensor,
@@ -26,6 +25,7 @@ from factorized_layers.functional import (
     cp_conv_separable,
     cp_convnd,
 )
+from factorized_layers.functional import cp as functional
 from factorized_layers.layers.cp import CPConv2d
 from factorized_layers.ranks import (
     cp_conv_flops,

@@ -93,7 +93,9 @@ def test_sequential_budget_conversion_and_checkpoint_round_trip(make, cls, shape
     torch.manual_seed(2)
     data = [torch.randn(shape) for _ in range(8)]
     model = make()
-    report = factorize_(model, rank=Budget(params=0.6), calibration=data, layer_options={cls: {"seed": 0}})
+    report = factorize_(
+        model, rank=Budget(params=0.6), calibration=data, layer_options={cls: {"seed": 0}}
+    )
     assert report.model_output_error is not None
     assert any(row.target_type == cls.__name__ for row in report.replaced)
     path = tmp_path / "model.pt"

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from factorized_layers.functional import tucker as functional
 from factorized_layers.decompose import (
     hooi,
     hosvd,
@@ -21,6 +20,7 @@ from factorized_layers.decompose import (
     svd_tail_error,
     tucker_to_tensor,
 )
+from factorized_layers.functional import tucker as functional
 from factorized_layers.functional import (
     tucker_linear,
     tucker_linear_input_first,
