@@ -30,6 +30,7 @@ PLOT_FILES = {
     "error": "error_vs_kept_params",
     "cosine": "minilm_cosine_vs_budget",
     "accuracy": "digits_accuracy_vs_kept_params",
+    "heal": "heal_quality_vs_seconds",
 }
 
 
@@ -93,7 +94,8 @@ class Section:
     ``points`` holds numeric records for the plots, keyed by figure (``speedup``:
     ``layer``, ``flop_ratio``, ``speedup``; ``error``: ``weight``, ``method``, ``kept``,
     ``error``; ``cosine``: ``series``, ``budget``, ``cosine``; ``accuracy``: ``series``,
-    ``kept``, ``accuracy``, the dense model being one point at ``kept=1``).
+    ``kept``, ``accuracy``, the dense model being one point at ``kept=1``; ``heal``:
+    ``panel``, ``series``, ``seconds``, ``quality``).
     """
 
     name: str
@@ -159,6 +161,7 @@ def write_plots(sections: Sequence[Section], out: Path, suffix: str) -> Tuple[Li
         "error": _plot_error,
         "cosine": _plot_cosine,
         "accuracy": _plot_accuracy,
+        "heal": _plot_heal,
     }
     written = []
     for kind, draw in drawers.items():
@@ -235,4 +238,21 @@ def _plot_accuracy(plt: ModuleType, records: Sequence[dict]) -> Figure:
     axis.set_ylabel("test accuracy")
     axis.set_title("CNN on load_digits, factorize_ with Budget(params=f)")
     axis.legend(fontsize=8)
+    return figure
+
+
+def _plot_heal(plt: ModuleType, records: Sequence[dict]) -> Figure:
+    panels = _grouped(records, "panel")
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, (panel, group) in zip(axes.flat, panels.items()):
+        for series, points in _grouped(group, "series").items():
+            points = sorted(points, key=lambda r: r["seconds"])
+            axis.plot(
+                [r["seconds"] for r in points], [r["quality"] for r in points], "o-", label=series
+            )
+        axis.set_title(panel, fontsize=9)
+        axis.set_xlabel("training seconds (evaluation excluded)")
+        axis.set_ylabel("embedding cosine" if "MiniLM" in panel else "held-out perplexity / dense")
+        axis.legend(fontsize=8)
+    figure.suptitle("Healing with distill_: quality vs seconds")
     return figure

@@ -59,6 +59,11 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
         "SmolLM2-135M converted plain, calibrated and sequentially: held-out perplexity, "
         "conversion time and memory",
     ),
+    "heal": (
+        "benchmarks.bench_heal",
+        "MiniLM and SmolLM2-135M healed by distill_ after conversion: quality vs seconds, "
+        "global vs local",
+    ),
     "digits": (
         "benchmarks.bench_digits",
         "digits CNN (factorized_layers.demo): accuracy vs kept parameters",
