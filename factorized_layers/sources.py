@@ -65,6 +65,11 @@ class SourceAdapter:
         return f"{self.module_type.__name__}({self.module_type.extra_repr(module)})"
 
 
+def copied_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    """A contiguous copy of ``tensor`` as a parameter with the same ``requires_grad``."""
+    return nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=tensor.requires_grad)
+
+
 def fill_dense(dense: nn.Module, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     """Give a (meta-built) dense ``dense`` the weight ``weight`` and ``layer``'s bias.
 
@@ -76,9 +81,7 @@ def fill_dense(dense: nn.Module, layer: nn.Module, weight: torch.Tensor) -> nn.M
     with torch.no_grad():
         dense.weight = nn.Parameter(weight.detach().clone(), requires_grad=trainable)
         if bias is not None:
-            dense.bias = nn.Parameter(
-                bias.detach().clone().contiguous(), requires_grad=bias.requires_grad
-            )
+            dense.bias = copied_parameter(bias)
     return dense.train(layer.training)
 
 

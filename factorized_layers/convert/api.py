@@ -351,13 +351,14 @@ def unfactorize_(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfactorize_ expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, tuple(registered_layers())):
+    classes = tuple(registered_layers())
+    if isinstance(model, classes):
         raise TypeError(
             f"unfactorize_ converts the layers inside a model; call {type(model).__name__}"
             ".to_dense() on a single layer"
         )
     parents = _parents(model)
-    factorized = [m for m in model.modules() if isinstance(m, tuple(registered_layers()))]
+    factorized = [m for m in model.modules() if isinstance(m, classes)]
     for module in factorized:
         _swap(module, module.to_dense(), parents.get(id(module), []))
     return model

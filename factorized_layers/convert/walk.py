@@ -146,10 +146,9 @@ def _collect_targets(
     ]
     # Already-factorized layers count as matches, so that a second call with the same
     # patterns is a no-op rather than an error.
+    factorized = tuple(registered_layers())
     known = [fqn for fqn, _, _ in candidates] + [
-        fqn
-        for fqn, module in model.named_modules()
-        if isinstance(module, tuple(registered_layers()))
+        fqn for fqn, module in model.named_modules() if isinstance(module, factorized)
     ]
     for name, patterns in (("include", include), ("exclude", exclude)):
         if patterns:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..calibrate import InputStats
 from ..ranks import POLICY_TYPES, RankProfile, select_rank
 from ..registry import Capabilities
-from ..sources import SourceAdapter
+from ..sources import SourceAdapter, copied_parameter
 
 __all__ = ["FactorizedLayer", "Fit", "Calibration", "gram_of", "fast_parameter"]
 
@@ -306,9 +306,7 @@ class FactorizedLayer(nn.Module, abc.ABC):
     ) -> FactorizedLayer:
         """Copy the bias, set the fit's attributes and the ``training`` mode."""
         if bias is not None:
-            layer.bias = nn.Parameter(
-                bias.detach().clone().contiguous(), requires_grad=bias.requires_grad
-            )
+            layer.bias = copied_parameter(bias)
         for name, value in fit.attributes.items():
             setattr(layer, name, value)
         return layer.train(training)
