@@ -6,8 +6,9 @@ parameter fraction and at ``Budget(params=...)``, each plain (weight-optimal SVD
 calibrated (activation-whitened SVD on calibration sentences disjoint from the
 evaluation sentences, ``sequential=False``; ``Budget`` weighs layers by their measured
 sensitivity) and sequential (the default with calibration batches: layers fitted in
-order on the compressed model's inputs, with held-out error compensation). The table reports the mean and minimum cosine of the sentence
-embeddings to the original model's on the evaluation sentences in
+order on the compressed model's inputs, with held-out error compensation). The table
+reports the mean and minimum cosine of the sentence embeddings to the original model's
+on the evaluation sentences in
 ``benchmarks/minilm.py``, the encoder-Linear parameters kept, and the forward speedup
 over the dense model (all evaluation sentences in one batch, interleaved rounds,
 medians, one run).

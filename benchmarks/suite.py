@@ -42,9 +42,23 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
         "benchmarks.bench_tucker_linear",
         "TuckerLinear forward and output error vs dense and tltorch at equal parameters",
     ),
+    "tt_linear": (
+        "benchmarks.bench_tt_linear",
+        "TTLinear error and forward vs dense, SVDLinear and tltorch BlockTT at equal "
+        "parameters on MiniLM",
+    ),
     "cp_conv2d": (
         "benchmarks.bench_cp_conv2d",
         "CPConv2d forward vs dense and tltorch; from_dense time and fit error vs tltorch",
+    ),
+    "svd_conv2d": (
+        "benchmarks.bench_svd_conv2d",
+        "SVDConv2d (channel / spatial low rank) forward vs dense and CPConv2d; kernel and "
+        "output error vs CPConv2d at equal parameters",
+    ),
+    "tucker_conv2d": (
+        "benchmarks.bench_tucker_conv2d",
+        "TuckerConv2d forward vs dense and tltorch's Tucker FactorizedConv; fit error vs tltorch",
     ),
     "memory": (
         "benchmarks.bench_memory",
@@ -63,6 +77,11 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
         "benchmarks.bench_heal",
         "MiniLM and SmolLM2-135M healed by distill_ after conversion: quality vs seconds, "
         "global vs local",
+    ),
+    "efficientnet": (
+        "benchmarks.bench_efficientnet",
+        'EfficientNet-Lite0 at half the parameters: top-1 agreement, layers="auto" vs '
+        "single families",
     ),
     "digits": (
         "benchmarks.bench_digits",

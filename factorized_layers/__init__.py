@@ -11,7 +11,18 @@ from .checkpoint import factorization_plan, load_factorized, save_factorized
 from .convert import FactorizationReport, LayerReport, factorize_, truncate_, unfactorize_
 from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
 from .distill import DistillReport, distill_
-from .layers import CPConv1d, CPConv2d, CPConv3d, FactorizedLayer, SVDLinear, TuckerLinear
+from .layers import (
+    CPConv1d,
+    CPConv2d,
+    CPConv3d,
+    FactorizedLayer,
+    SVDConv2d,
+    SVDEmbedding,
+    SVDLinear,
+    TTLinear,
+    TuckerConv2d,
+    TuckerLinear,
+)
 from .ranks import EVBMF, Budget, Energy, ErrorBound, RankProfile, RankSpec, resolve_matrix_rank
 from .registry import Capabilities, register_layer, registered_layers
 from .sequential import Sequential
@@ -25,7 +36,11 @@ __all__ = [
     "FactorizedLayer",
     "Capabilities",
     "registered_layers",
+    "SVDEmbedding",
+    "SVDConv2d",
     "SVDLinear",
+    "TTLinear",
+    "TuckerConv2d",
     "TuckerLinear",
     "factorize_",
     "calibrate",

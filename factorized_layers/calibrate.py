@@ -199,7 +199,8 @@ def calibrate(
             (``model(*batch)``) or a dict (``model(**batch)``).
         filter_fn: ``filter_fn(module, fqn) -> bool`` selects the layers to watch
             (default: every module with a source adapter, :mod:`factorized_layers.sources`:
-            ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
+            ``nn.Linear`` and ``nn.Conv1d/2d/3d``; lookups such as ``nn.Embedding``,
+            whose inputs are indices, are never watched).
         max_batches: Stop after this many batches.
         sensitivity: Also measure how much the model's output depends on each layer's
             output (:attr:`InputStats.sensitivity`): one backward pass per batch of
@@ -280,7 +281,8 @@ def calibrate(
 
     seen = set()
     for name, module in model.named_modules():
-        if source_for(module) is not None and id(module) not in seen:
+        adapter = source_for(module)
+        if adapter is not None and adapter.input_statistics and id(module) not in seen:
             seen.add(id(module))
             if filter_fn is None or filter_fn(module, name):
                 watch(name, module)

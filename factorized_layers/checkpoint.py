@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .convert.ties import tied_groups
 from .convert.walk import _parents, _swap
 from .registry import registered_layers
 from .sources import source_for
@@ -327,6 +328,19 @@ def _build_replacements(
         if bias is not None and getattr(layer, "bias", None) is not None:
             layer.bias.requires_grad_(bias.requires_grad)
         replacements[name] = (module, layer.train(module.training))
+    # Weight-tied layers converted together are rebuilt tied, as factorize_ left them.
+    followers, _ = tied_groups(
+        model, [(name, module, cls) for name, (module, cls, _) in checked.items()]
+    )
+    for follower, owner in followers.items():
+        module, _, config = checked[follower]
+        tied = replacements[owner][1].tie(module)
+        if tied.get_config() != config:
+            raise ValueError(
+                f"plan entry {follower!r}: its weight is tied to {owner!r}, whose layer shares "
+                f"factors of config {tied.get_config()}, but the plan has {config}"
+            )
+        replacements[follower] = (module, tied.train(module.training))
     return replacements
 
 
@@ -362,9 +376,9 @@ def _check_weights(
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in replaced and name:
             prefixes.append(name + ".")
-            for key, value in replaced[id(module)].state_dict().items():
+            for key, value in replaced[id(module)].state_dict(keep_vars=True).items():
                 expected[name + "." + key] = tuple(value.shape)
-                group_of[name + "." + key] = ("replaced", id(module), key)
+                group_of[name + "." + key] = ("replaced", id(value))
     for key, value in model.state_dict(keep_vars=True).items():
         if any(key.startswith(prefix) for prefix in prefixes):
             continue

@@ -39,6 +39,11 @@ class Capabilities:
         profile_options: ``from_dense`` options that ``rank_profile`` also takes (they
             shape the spectrum the policy sees).
         truncation_options: Options ``truncated`` takes besides the rank.
+        profile_errors: ``"achieved"`` when ``from_dense`` at a profile's candidate
+            reaches or beats the error the profile gives (exact optima, upper bounds),
+            ``"lower_bound"`` when the profile only bounds it from below (an
+            estimate). ``factorize_(..., layers="auto")`` sizes layers on achieved
+            errors only.
     """
 
     calibration: bool = False
@@ -47,6 +52,14 @@ class Capabilities:
     ridge_option: str | None = None
     profile_options: Tuple[str, ...] = ()
     truncation_options: Tuple[str, ...] = ()
+    profile_errors: str = "achieved"
+
+    def __post_init__(self) -> None:
+        if self.profile_errors not in ("achieved", "lower_bound"):
+            raise ValueError(
+                "Capabilities profile_errors must be 'achieved' or 'lower_bound', got "
+                f"{self.profile_errors!r}"
+            )
 
 
 _REQUIRED = (

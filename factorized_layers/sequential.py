@@ -470,7 +470,7 @@ def _convert_unit(
                         break
                     compressed.stop_after = set(group)
                 else:
-                    compressed.run(lambda: run_compressed(unit, i))
+                    compressed.run(lambda i=i: run_compressed(unit, i))
                 first = group[0]
                 for name in group:
                     if name not in dense_inputs[i] and name not in compressed.inputs:

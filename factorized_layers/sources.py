@@ -1,23 +1,33 @@
 """Source adapters: what the library needs to know about each dense module type.
 
-A factorized layer replaces a dense module (``nn.Linear``, ``nn.Conv1d/2d/3d``). Everything
-that depends on the dense type -- the size of the input statistic, the dense cost,
-how a batch of inputs becomes rows of feature vectors for a Gram matrix, how the dense
-module is rebuilt by ``to_dense`` and how two modules are compared when a checkpoint is
-loaded -- lives in one adapter per type. :mod:`~factorized_layers.convert`,
-:mod:`~factorized_layers.calibrate`, :mod:`~factorized_layers.sequential` and
-:mod:`~factorized_layers.checkpoint` ask the adapter and never branch on a layer type.
-A new dense type (say ``nn.Embedding``) is one new adapter here.
+A factorized layer replaces a dense module (``nn.Linear``, ``nn.Conv1d/2d/3d``,
+``nn.Embedding``). Everything that depends on the dense type -- the size of the input
+statistic, the dense cost, how a batch of inputs becomes rows of feature vectors for a
+Gram matrix, how the dense module is rebuilt by ``to_dense`` and how two modules are
+compared when a checkpoint is loaded -- lives in one adapter per type.
+:mod:`~factorized_layers.convert`, :mod:`~factorized_layers.calibrate`,
+:mod:`~factorized_layers.sequential` and :mod:`~factorized_layers.checkpoint` ask the
+adapter and never branch on a layer type.
+A new dense type is one new adapter here.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ["SourceAdapter", "LinearSource", "ConvSource", "source_adapters", "source_for"]
+__all__ = [
+    "SourceAdapter",
+    "LinearSource",
+    "ConvSource",
+    "EmbeddingSource",
+    "attach_prelude",
+    "source_adapters",
+    "source_for",
+]
 
 
 class SourceAdapter:
@@ -27,10 +37,14 @@ class SourceAdapter:
         module_type: The dense module type (subclasses are accepted too).
         exact_output_error: Whether the input Gram determines the layer's output error
             exactly (a linear layer), so reports can give it.
+        input_statistics: Whether :func:`~factorized_layers.calibrate.calibrate` can
+            collect an input Gram for the type (not for a lookup, whose inputs are
+            indices).
     """
 
     module_type: type = nn.Module
     exact_output_error: bool = False
+    input_statistics: bool = True
 
     def check(self, module: nn.Module, layer_name: str) -> None:
         """Raise ``TypeError`` unless ``module`` is of :attr:`module_type`."""
@@ -64,10 +78,58 @@ class SourceAdapter:
         """The structure that must match when a checkpoint plan is applied."""
         return f"{self.module_type.__name__}({self.module_type.extra_repr(module)})"
 
+    def prelude(self, module: nn.Module) -> nn.Module | None:
+        """The input transform a subclass's ``forward`` applies before the dense op, if known.
+
+        A subclass that overrides ``forward`` computes something the factorized layer
+        cannot know in general. One idiom is understood: a parameter-free child named
+        ``static_padding`` applied to the input first (TensorFlow "same" padding, as in
+        ``efficientnet_pytorch``'s ``Conv2dStaticSamePadding``); the factorized layer
+        then runs it first too (:func:`attach_prelude`).
+        """
+        if type(module).forward is self.module_type.forward:
+            return None
+        padding = getattr(module, "static_padding", None)
+        if isinstance(padding, nn.Module) and next(padding.parameters(), None) is None:
+            return padding
+        return None
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be converted whatever the family (``None`` when it can)."""
+        overridden = type(module).forward is not self.module_type.forward
+        if overridden and self.prelude(module) is None:
+            return (
+                f"{type(module).__name__} overrides forward, so what it computes is unknown "
+                "(understood: a parameter-free `static_padding` child applied first)"
+            )
+        return None
+
 
 def copied_parameter(tensor: torch.Tensor) -> nn.Parameter:
     """A contiguous copy of ``tensor`` as a parameter with the same ``requires_grad``."""
     return nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=tensor.requires_grad)
+
+
+def _run_prelude(module: nn.Module, args: tuple) -> tuple | None:
+    prelude = module._modules.get("input_prelude")
+    if prelude is None:  # the hook moved to a module without one (a swap rolled back)
+        return None
+    return (prelude(args[0]),) + tuple(args[1:])
+
+
+def attach_prelude(layer: nn.Module, prelude: nn.Module | None) -> nn.Module:
+    """Make ``layer`` apply ``prelude`` to its input first (a copy, as child ``input_prelude``).
+
+    Used for dense subclasses whose ``forward`` transforms the input before the dense op
+    (:meth:`SourceAdapter.prelude`); a forward pre-hook runs it, so the layer's own
+    ``forward`` is unchanged. ``None`` or a layer that already has one: nothing happens.
+    """
+    if prelude is None or "input_prelude" in layer._modules:
+        return layer
+    layer.input_prelude = copy.deepcopy(prelude)
+    if _run_prelude not in layer._forward_pre_hooks.values():
+        layer.register_forward_pre_hook(_run_prelude)
+    return layer
 
 
 def fill_dense(dense: nn.Module, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
@@ -82,6 +144,7 @@ def fill_dense(dense: nn.Module, layer: nn.Module, weight: torch.Tensor) -> nn.M
         dense.weight = nn.Parameter(weight.detach().clone(), requires_grad=trainable)
         if bias is not None:
             dense.bias = copied_parameter(bias)
+    attach_prelude(dense, layer._modules.get("input_prelude"))
     return dense.train(layer.training)
 
 
@@ -157,7 +220,48 @@ class ConvSource(SourceAdapter):
         return fill_dense(dense, layer, weight)
 
 
-_ADAPTERS: Tuple[SourceAdapter, ...] = (LinearSource(), ConvSource(1), ConvSource(2), ConvSource(3))
+class EmbeddingSource(SourceAdapter):
+    """``nn.Embedding``: a lookup table; its inputs are indices, so it has no input Gram.
+
+    A lookup computes nothing: its dense cost is 0 multiply-accumulates per position,
+    and conversion judges it by parameters alone.
+    """
+
+    module_type = nn.Embedding
+    input_statistics = False
+
+    def in_features(self, module: nn.Module) -> int:
+        return module.num_embeddings
+
+    def dense_flops(self, module: nn.Module) -> int:
+        return 0
+
+    def input_rows(self, value: torch.Tensor) -> torch.Tensor:
+        raise TypeError("an nn.Embedding's inputs are indices; they have no Gram matrix")
+
+    def bias_shape(self) -> Tuple[int, ...]:
+        return (-1,)
+
+    def rebuild(self, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+        with torch.device("meta"):
+            dense = nn.Embedding(
+                weight.shape[0],
+                weight.shape[1],
+                padding_idx=layer.padding_idx,
+                scale_grad_by_freq=layer.scale_grad_by_freq,
+                sparse=layer.sparse,
+                dtype=weight.dtype,
+            )
+        return fill_dense(dense, layer, weight)
+
+
+_ADAPTERS: Tuple[SourceAdapter, ...] = (
+    LinearSource(),
+    ConvSource(1),
+    ConvSource(2),
+    ConvSource(3),
+    EmbeddingSource(),
+)
 
 
 def source_adapters() -> Dict[type, SourceAdapter]:

@@ -17,7 +17,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from factorized_layers import CPConv1d, CPConv2d, CPConv3d, SVDLinear, TuckerLinear
+from factorized_layers import (
+    CPConv1d,
+    CPConv2d,
+    CPConv3d,
+    SVDConv2d,
+    SVDEmbedding,
+    SVDLinear,
+    TTLinear,
+    TuckerConv2d,
+    TuckerLinear,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +46,24 @@ class ModuleCase:
     (``None``: the family has no exact rank for this case, e.g. CP-ALS)."""
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     """Options of ``from_dense`` (e.g. a seed)."""
+    true_gradient: bool = True
+    """``False`` where the layer's semantics alter gradients on purpose (``padding_idx``
+    and ``scale_grad_by_freq`` of a lookup): no gradcheck then."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ErrorInput:
-    """A forward input of the wrong shape and the error it must raise."""
+    """A forward input of the wrong shape (or dtype) and the error it must raise."""
 
     input_shape: Tuple[int, ...]
     match: str
+    dtype: torch.dtype = torch.float32
+    error: type = ValueError
+
+
+def float_input(shape: Tuple[int, ...], device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal activations (the input of a linear or convolution layer)."""
+    return torch.randn(shape, device=device, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +75,11 @@ class ModuleInfo:
     reference_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     """``reference_fn(layer, x)``: the dense op with ``layer.dense_weight()``."""
     error_inputs: Tuple[ErrorInput, ...]
-    """Inputs (for the first case) every forward must refuse with ``ValueError``."""
+    """Inputs (for the first case) every forward must refuse."""
+    make_input: Callable[[Tuple[int, ...], str, torch.dtype], torch.Tensor] = float_input
+    """``make_input(shape, device, dtype)``: a valid forward input (indices for a lookup)."""
+    calibration: bool = True
+    """Whether the class declares ``capabilities.calibration``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +95,10 @@ class Case:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.case, name)
+
+    def input(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A valid forward input of this case's shape."""
+        return self.info.make_input(self.case.input_shape, device, dtype)
 
     def __str__(self) -> str:
         return self.case.name
@@ -122,6 +150,24 @@ def _conv_errors(in_channels: int, dims: int) -> Tuple[ErrorInput, ...]:
     )
 
 
+def _index_input(num_embeddings: int) -> Callable[..., torch.Tensor]:
+    def make(shape: Tuple[int, ...], device: str, dtype: torch.dtype) -> torch.Tensor:
+        # Every index, then random ones: the padding row and the last row are looked up.
+        indices = torch.randint(num_embeddings, shape, device=device)
+        if device != "meta":
+            flat = indices.view(-1)
+            flat[: min(flat.numel(), num_embeddings)] = torch.arange(
+                min(flat.numel(), num_embeddings), device=device
+            )
+        return indices
+
+    return make
+
+
+def _embedding_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.embedding(x, layer.dense_weight(), layer.padding_idx)
+
+
 MODULE_DB: Tuple[ModuleInfo, ...] = (
     ModuleInfo(
         SVDLinear,
@@ -144,6 +190,19 @@ MODULE_DB: Tuple[ModuleInfo, ...] = (
                 "tucker_linear_nobias", _linear(16, 24, bias=False), 2, (2, 3, 16), 24, full_rank=24
             ),
             ModuleCase("tucker_linear_prime_in", _linear(7, 12), 2, (7,), 12, full_rank=12),
+        ),
+        _linear_reference,
+        _LINEAR_ERRORS,
+    ),
+    ModuleInfo(
+        TTLinear,
+        (
+            ModuleCase("tt_linear", _linear(24, 16), 0.5, (3, 24), 24, full_rank=64),
+            ModuleCase(
+                "tt_linear_3cores_nobias", _linear(16, 24, bias=False), 3, (2, 3, 16), 48,
+                full_rank=64, options={"n_cores": 3},
+            ),
+            ModuleCase("tt_linear_prime_in", _linear(7, 12), 2, (7,), 12, full_rank=64),
         ),
         _linear_reference,
         _LINEAR_ERRORS,
@@ -200,6 +259,78 @@ MODULE_DB: Tuple[ModuleInfo, ...] = (
         ),
         _conv_reference,
         _conv_errors(4, 3),
+    ),
+    ModuleInfo(
+        SVDEmbedding,
+        (
+            ModuleCase("svd_embedding", _conv(nn.Embedding, 30, 12), 5, (4, 9), 5, full_rank=12),
+            ModuleCase(
+                "svd_embedding_padding", _conv(nn.Embedding, 30, 12, padding_idx=-1), 0.3, (2, 20),
+                5, full_rank=12, true_gradient=False,
+            ),
+            ModuleCase(
+                "svd_embedding_wide_scaled", _conv(nn.Embedding, 30, 40, scale_grad_by_freq=True),
+                0.2, (45,), 5, full_rank=30, true_gradient=False,
+            ),
+        ),
+        _embedding_reference,
+        (
+            ErrorInput((2, 3), r"torch\.long or torch\.int indices, got torch\.float32",
+                       error=TypeError),
+        ),
+        make_input=_index_input(30),
+        calibration=False,
+    ),
+    ModuleInfo(
+        SVDConv2d,
+        (
+            ModuleCase(
+                "svd_conv2d_channel", _conv(nn.Conv2d, 6, 8, 3, padding=1), 4, (2, 6, 7, 7), 54,
+                full_rank=8,
+            ),
+            ModuleCase(
+                "svd_conv2d_spatial_strided_dilated_reflect_nobias",
+                _conv(nn.Conv2d, 5, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+                      padding_mode="reflect", bias=False),
+                0.3, (1, 5, 9, 13), 75, full_rank=15, options={"mode": "spatial"},
+            ),
+            ModuleCase(
+                "svd_conv2d_1x1_strided_unbatched", _conv(nn.Conv2d, 8, 12, 1, stride=2), 3,
+                (8, 7, 6), 8, full_rank=8,
+            ),
+            ModuleCase(
+                "svd_conv2d_spatial_same_even_kernel",
+                _conv(nn.Conv2d, 4, 6, (4, 3), padding="same", dilation=(2, 1)), 5, (2, 4, 8, 7),
+                48, full_rank=16, options={"mode": "spatial"},
+            ),
+        ),
+        _conv_reference,
+        _conv_errors(6, 2),
+    ),
+    ModuleInfo(
+        TuckerConv2d,
+        (
+            ModuleCase(
+                "tucker_conv2d", _conv(nn.Conv2d, 6, 8, 3, padding=1), (4, 3), (2, 6, 7, 7), 54,
+                full_rank=(8, 6),
+            ),
+            ModuleCase(
+                "tucker_conv2d_same_dilated_even_kernel_nobias",
+                _conv(nn.Conv2d, 5, 8, (3, 2), dilation=(2, 1), padding="same", bias=False),
+                0.4, (1, 5, 8, 9), 30, full_rank=1.0,
+            ),
+            ModuleCase(
+                "tucker_conv2d_strided_reflect_folded_in_unbatched",
+                _conv(nn.Conv2d, 4, 6, 3, stride=2, padding=1, padding_mode="reflect"), (3, 4),
+                (4, 9, 8), 36, full_rank=6,
+            ),
+            ModuleCase(
+                "tucker_conv2d_1x1_strided_valid", _conv(nn.Conv2d, 8, 12, 1, stride=2,
+                padding="valid"), 3, (2, 8, 7, 6), 8, full_rank=(12, 8),
+            ),
+        ),
+        _conv_reference,
+        _conv_errors(6, 2),
     ),
 )  # fmt: skip
 

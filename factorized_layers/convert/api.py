@@ -10,14 +10,25 @@ import torch
 import torch.nn as nn
 
 from ..calibrate import InputStats
-from ..ranks import POLICY_TYPES, Budget, check_positive
+from ..ranks import EVBMF, POLICY_TYPES, Budget, check_positive
 from ..registry import capabilities_of, registered_layers
 from ..sequential import CacheLimitError, Sequential, Target, sequential_convert
+from ..sources import source_for
+from .auto import (
+    AUTO,
+    auto_mapping,
+    calibrated_targets,
+    choose_families,
+    input_shapes,
+    no_candidate_reason,
+)
 from .plan import (
     _build,
     _calibration_stats,
     _check_layers,
+    _dense_row,
     _fill_converted_row,
+    _floored,
     _params,
     _per_layer_options,
     _plan_one,
@@ -26,6 +37,7 @@ from .plan import (
     _unsupported_reason,
 )
 from .report import FactorizationReport, LayerReport
+from .ties import factor_ties, tied_groups
 from .walk import (
     _check_patterns,
     _collect_targets,
@@ -46,13 +58,15 @@ def factorize_(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    layers: Mapping[type, type] | None = None,
+    layers: Mapping[type, type] | str | None = None,
     multiple_of: int = 1,
     allow_larger: bool = False,
     progress: bool | None = None,
     calibration: Iterable[Any] | Mapping[str, InputStats] | None = None,
     sequential: bool | Sequential | None = None,
     layer_options: Mapping[type, Mapping[str, Any]] | None = None,
+    example_inputs: Iterable[Any] | None = None,
+    allow_slower: bool = False,
     **options: Any,
 ) -> FactorizationReport:
     """Replace the dense layers of ``model`` by factorized ones, in place.
@@ -74,6 +88,12 @@ def factorize_(
             ``"re:"``-prefixed full regexes. Every pattern must match some layer.
         exclude: Names to leave dense, same syntax; applied after ``include``.
         layers: ``{dense type: factorized class}``; default :func:`default_layers`.
+            ``"auto"``: every registered class that converts a layer's type is a
+            candidate, and each layer gets the family with the lowest error at its
+            share of ``rank`` (a float, ``Budget``, ``Energy`` or ``ErrorBound``), fitted
+            and compared on the calibration data when given
+            (:mod:`factorized_layers.convert.auto`); the report's note says what was
+            chosen over what. Not with ``sequential=True`` or ``multiple_of``.
         multiple_of: Only ranks divisible by this (hardware-friendly shapes).
         allow_larger: Convert even layers whose factorization does not save
             parameters (default: leave them dense and report them as skipped).
@@ -106,7 +126,13 @@ def factorize_(
             ``from_dense`` only, e.g. ``{CPConv2d: {"n_iter": 300}}`` (options mean
             different things per class: ``n_iter`` is power iterations for SVD, HOOI
             sweeps for Tucker, ALS sweeps for CP).
-        **options: Passed to every ``from_dense`` (e.g. ``seed=``).
+        example_inputs: ``layers="auto"``: batches (as for ``calibration``; default the
+            calibration batches) whose first one gives each layer's input shape for the
+            speed guard: a family whose forward is slower than the dense layer's at
+            that shape is not chosen. Without them candidates are judged by FLOPs.
+        allow_slower: ``layers="auto"``: turn the speed guard off.
+        **options: Passed to every ``from_dense`` (e.g. ``seed=``; with
+            ``layers="auto"``, to each candidate that takes them).
 
     Returns:
         A :class:`FactorizationReport`.
@@ -123,7 +149,10 @@ def factorize_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"factorize_ expects an nn.Module, got {type(model).__name__}")
-    mapping = _check_layers(layers)
+    auto = isinstance(layers, str)
+    if auto and layers != AUTO:
+        raise ValueError(f"layers must be a mapping, None or 'auto', got {layers!r}")
+    mapping = auto_mapping() if auto else _check_layers(layers)
     root_target = _target_class(model, mapping)
     if root_target is not None:
         raise TypeError(
@@ -138,6 +167,13 @@ def factorize_(
             "rank must be an int, a float in (0, 1], or one of Energy, ErrorBound, EVBMF, "
             f"Budget; got {type(rank).__name__} {rank!r}"
         )
+    if auto and (isinstance(rank, numbers.Integral) or isinstance(rank, EVBMF)):
+        raise TypeError(
+            f"layers='auto' compares families at a share of parameters: give a float, "
+            f"Budget, Energy or ErrorBound rank, not {rank!r}"
+        )
+    if auto and multiple_of != 1:
+        raise ValueError("layers='auto' does not take multiple_of (ranks differ per family)")
     targets = _collect_targets(
         model,
         mapping,
@@ -146,21 +182,40 @@ def factorize_(
         _check_patterns("exclude", exclude),
     )
     read_by_parent = _read_by_parent(model)
-    skips = {
-        fqn: _Skip(reason)
-        for fqn, module, layer_cls in targets
-        if (reason := _unsupported_reason(layer_cls, module, read_by_parent)) is not None
-    }
-    targets_to_rank = [t for t in targets if t[0] not in skips]
+    followers, untied = tied_groups(model, targets)
+    skips = {fqn: _Skip(reason) for fqn, reason in untied.items()}
+    skips.update(
+        {
+            fqn: _Skip(reason)
+            for fqn, module, layer_cls in targets
+            if (reason := _unsupported_reason(layer_cls, module, read_by_parent)) is not None
+        }
+    )
+    for follower, owner in list(followers.items()):
+        # A tie converts whole or not at all.
+        if follower in skips or owner in skips:
+            skips.setdefault(follower, _Skip(f"weight tied to {owner}, which stays dense"))
+            skips.setdefault(owner, _Skip(f"weight tied to {follower}, which stays dense"))
+            del followers[follower]
+    targets_to_rank = [t for t in targets if t[0] not in skips and t[0] not in followers]
     automatic = sequential is None
     if automatic:
         sequential = (
             calibration is not None
             and not isinstance(calibration, Mapping)
             and bool(targets)
+            and not followers
+            and not auto
             and all(capabilities_of(layer_cls).calibration for _, _, layer_cls in targets)
         )
     config = _check_sequential(sequential, calibration)
+    if config is not None and auto:
+        raise ValueError("layers='auto' converts in one pass: pass sequential=False")
+    if config is not None and followers:
+        raise ValueError(
+            f"sequential calibration cannot convert weight-tied layers {sorted(followers)}; "
+            "pass sequential=False"
+        )
     if config is not None:
         calibration = list(calibration)  # iterated once per pass
     needs_profiles = isinstance(rank, POLICY_TYPES) or multiple_of > 1
@@ -168,8 +223,16 @@ def factorize_(
     stats = (
         {}
         if config is not None and not needs_profiles
-        else _calibration_stats(model, targets, calibration, with_sensitivity)
+        else _calibration_stats(
+            model, calibrated_targets(targets) if auto else targets, calibration, with_sensitivity
+        )
     )
+    if auto:
+        return _convert_auto(
+            model, targets, targets_to_rank, skips, followers, rank, stats, options,
+            layer_options, example_inputs if example_inputs is not None else calibration,
+            allow_slower, allow_larger, show=len(targets) >= 20 if progress is None else progress,
+        )  # fmt: skip
     per_layer_options = _per_layer_options(targets, options, layer_options, stats)
     ranked = dict(
         zip(
@@ -178,7 +241,11 @@ def factorize_(
                 targets_to_rank,
                 rank,
                 multiple_of,
-                [o for (fqn, _, _), o in zip(targets, per_layer_options) if fqn not in skips],
+                [
+                    o
+                    for (fqn, _, _), o in zip(targets, per_layer_options)
+                    if fqn not in skips and fqn not in followers
+                ],
                 allow_larger,
                 [stats.get(fqn) for fqn, _, _ in targets_to_rank],
             ),
@@ -195,7 +262,9 @@ def factorize_(
             layer_cls,
             spec,
             layer_options,
-            _plan_one(fqn, module, layer_cls, spec, layer_options, allow_larger),
+            _tied_row(fqn, module, followers[fqn])
+            if fqn in followers
+            else _plan_one(fqn, module, layer_cls, spec, layer_options, allow_larger),
         )
         for (fqn, module, layer_cls), spec, layer_options in zip(targets, specs, per_layer_options)
     ]
@@ -214,7 +283,76 @@ def factorize_(
                 progress=progress, calibration=calibration, sequential=False,
                 layer_options=layer_options, **options,
             )  # fmt: skip
-    return _convert_in_one_pass(model, plans, stats, calibration is not None, allow_larger, show)
+    return _convert_in_one_pass(
+        model, plans, stats, calibration is not None, allow_larger, show, followers
+    )
+
+
+def _convert_auto(
+    model: nn.Module,
+    targets: List[Tuple[str, nn.Module, type]],
+    targets_to_rank: List[Tuple[str, nn.Module, type]],
+    skips: Dict[str, _Skip],
+    followers: Dict[str, str],
+    rank: Any,
+    stats: Dict[str, InputStats],
+    options: Mapping[str, Any],
+    layer_options: Mapping[type, Mapping[str, Any]] | None,
+    example_inputs: Iterable[Any] | Mapping[str, InputStats] | None,
+    allow_slower: bool,
+    allow_larger: bool,
+    show: bool,
+) -> FactorizationReport:
+    """``layers="auto"``: choose each layer's family (:mod:`.auto`), then swap."""
+    for fqn, module, _ in targets_to_rank:
+        reason = no_candidate_reason(module)
+        if reason is not None:
+            skips[fqn] = _Skip(reason)
+    ranked = [t for t in targets_to_rank if t[0] not in skips]
+    sensitivities = None
+    if isinstance(rank, Budget) and rank.sensitivity:
+        sensitivities = _floored(
+            [None if fqn not in stats else stats[fqn].sensitivity for fqn, _, _ in ranked]
+        )
+    batches = None if isinstance(example_inputs, Mapping) else example_inputs
+    shapes = input_shapes(model, [fqn for fqn, _, _ in ranked], batches)
+    choices = choose_families(
+        ranked, rank, options, layer_options, stats, sensitivities, shapes, allow_slower
+    )
+    plans, prebuilt = [], {}
+    for fqn, module, _ in targets:
+        choice = choices.get(fqn)
+        if fqn in followers:
+            row, layer_cls = _tied_row(fqn, module, followers[fqn]), type(module)
+        elif choice is None or choice.skip is not None:
+            reason = (skips.get(fqn) or choice.skip).reason
+            row, layer_cls = _dense_row(fqn, module, reason), type(module)
+        else:
+            row, layer_cls = _dense_row(fqn, module), choice.layer_cls
+            row.note = choice.note
+            prebuilt[fqn] = choice.layer
+        plans.append((fqn, module, layer_cls, None, {}, row))
+    return _convert_in_one_pass(model, plans, stats, False, allow_larger, show, followers, prebuilt)
+
+
+def _tied_row(fqn: str, module: nn.Module, owner: str) -> LayerReport:
+    """The report row of a follower: its shared weight is counted at the owner."""
+    shared = module.weight.numel()
+    params = _params(module) - shared
+    flops = source_for(module).dense_flops(module)
+    return LayerReport(
+        name=fqn,
+        source_type=type(module).__name__,
+        target_type=type(module).__name__,
+        shape=tuple(module.weight.shape),
+        rank=None,
+        params_before=params,
+        params_after=params,
+        flops_before=flops,
+        flops_after=flops,
+        weight_error=None,
+        note=f"weight tied to {owner}: shares its factors",
+    )
 
 
 def _convert_in_one_pass(
@@ -224,14 +362,27 @@ def _convert_in_one_pass(
     calibrated: bool,
     allow_larger: bool,
     show: bool,
+    followers: Mapping[str, str],
+    prebuilt: Mapping[str, nn.Module] | None = None,
 ) -> FactorizationReport:
-    """Build every planned layer from the dense model, then swap them all in."""
-    rows, swaps = [], []
+    """Build every planned layer from the dense model, then swap them all in.
+
+    ``prebuilt`` layers (chosen by ``layers="auto"``) are used as they are. Followers
+    of a weight tie are built last, from their owner's new layer.
+    """
+    swaps, built = [], {}
     for fqn, module, layer_cls, spec, layer_options, row in _progress(plans, show):
-        if row.skipped is None:
-            layer = _build(fqn, module, module, layer_cls, spec, layer_options, row, allow_larger)
+        if row.skipped is None and fqn not in followers:
+            if prebuilt and fqn in prebuilt:
+                layer = prebuilt[fqn]
+            else:
+                layer = _build(
+                    fqn, module, module, layer_cls, spec, layer_options, row, allow_larger
+                )
             if layer is not None:
+                note = row.note
                 _fill_converted_row(row, module, layer, stats.get(fqn))
+                row.note = note
                 if calibrated and "calibration" not in layer_options:
                     row.note = (
                         f"{layer_cls.__name__} has no calibrated from_dense"
@@ -239,7 +390,20 @@ def _convert_in_one_pass(
                         else "not reached by the calibration data"
                     )
                 swaps.append((module, layer))
-        rows.append(row)
+                built[fqn] = layer
+    for fqn, module, _, _, _, row in plans:
+        owner = followers.get(fqn)
+        if owner is None:
+            continue
+        if owner not in built:
+            row.skipped, row.note = f"weight tied to {owner}, which stays dense", None
+            continue
+        layer = built[owner].tie(module)
+        params = row.params_after
+        _fill_converted_row(row, module, layer, None)
+        row.params_after = params
+        swaps.append((module, layer))
+    rows = [row for *_, row in plans]
     parents = _parents(model)
     for module, layer in swaps:
         _swap(module, layer, parents.get(id(module), []))
@@ -358,9 +522,15 @@ def unfactorize_(model: nn.Module) -> nn.Module:
             ".to_dense() on a single layer"
         )
     parents = _parents(model)
-    factorized = [m for m in model.modules() if isinstance(m, classes)]
-    for module in factorized:
-        _swap(module, module.to_dense(), parents.get(id(module), []))
+    factorized = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, classes)]
+    followers = factor_ties(factorized)
+    dense = {fqn: module.to_dense() for fqn, module in factorized}
+    for follower, owner in followers.items():
+        # Weight-tied layers stay tied: the follower reads the owner's dense weight.
+        if dense[follower].weight.shape == dense[owner].weight.shape:
+            dense[follower].weight = dense[owner].weight
+    for fqn, module in factorized:
+        _swap(module, dense[fqn], parents.get(id(module), []))
     return model
 
 
@@ -454,6 +624,18 @@ def truncate_(
             f"truncate_ option(s) {unused} are taken by no targeted layer's truncated(); "
             f"accepted: { {cls.__name__: sorted(names) for cls, names in accepted.items()} }"
         )
+    # A weight-tied follower is truncated with its owner (it shares the owner's factors).
+    followers = factor_ties(
+        [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, tuple(layers))]
+    )
+    targeted = {fqn for fqn, _, _ in targets}
+    tied_rows = [
+        _tied_truncation_row(fqn, layer, followers[fqn], followers[fqn] in targeted)
+        for fqn, layer, _ in targets
+        if fqn in followers
+    ]
+    targets = [t for t in targets if t[0] not in followers]
+    modules = dict(model.named_modules())
     # Build every new layer first, so that an error leaves the model unchanged.
     planned = []
     for fqn, layer, layer_cls in targets:
@@ -464,19 +646,26 @@ def truncate_(
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{fqn} ({layer_cls.__name__}): {exc}") from exc
         planned.append((fqn, layer, layer_cls, spec, new))
+        planned.extend(
+            (follower, modules[follower], type(modules[follower]), spec, new.tie(modules[follower]))
+            for follower, owner in followers.items()
+            if owner == fqn
+        )
     parents = _parents(model)
+    new_of = {fqn: new for fqn, _, _, _, new in planned}
     rows = []
     for fqn, layer, layer_cls, spec, new in planned:
         with torch.no_grad():
             before = layer.dense_weight()
+        owner = followers.get(fqn)
         row = LayerReport(
             name=fqn,
             source_type=layer_cls.__name__,
             target_type=layer_cls.__name__,
             shape=tuple(before.shape),
             rank=new.rank,
-            params_before=_params(layer),
-            params_after=_params(new),
+            params_before=_params(layer, modules.get(owner)),
+            params_after=_params(new, new_of.get(owner)),
             flops_before=layer.flops_per_position(),
             flops_after=new.flops_per_position(),
             weight_error=None,
@@ -488,7 +677,29 @@ def truncate_(
             row.weight_error = _relative_change(before, new)
             _swap(layer, new, parents.get(id(layer), []))
         rows.append(row)
-    return FactorizationReport(rows)
+    return FactorizationReport(rows + [row for row in tied_rows if row is not None])
+
+
+def _tied_truncation_row(
+    fqn: str, layer: nn.Module, owner: str, owner_targeted: bool
+) -> LayerReport | None:
+    """A follower's report row: ``None`` when its owner's truncation reports it."""
+    if owner_targeted:
+        return None
+    params, flops = _params(layer), layer.flops_per_position()
+    return LayerReport(
+        name=fqn,
+        source_type=type(layer).__name__,
+        target_type=type(layer).__name__,
+        shape=tuple(layer.dense_weight().shape),
+        rank=layer.rank,
+        params_before=params,
+        params_after=params,
+        flops_before=flops,
+        flops_after=flops,
+        weight_error=None,
+        skipped=f"shares its factors with {owner}: truncate that layer",
+    )
 
 
 def _relative_change(before: torch.Tensor, new: nn.Module) -> float | None:

@@ -52,8 +52,10 @@ class _Skip:
     reason: str
 
 
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _params(module: nn.Module, shared_with: nn.Module | None = None) -> int:
+    """Parameters of ``module``, less those it shares with ``shared_with`` (a tie's owner)."""
+    shared = set() if shared_with is None else {id(p) for p in shared_with.parameters()}
+    return sum(p.numel() for p in module.parameters() if id(p) not in shared)
 
 
 def _dense_flops_per_position(module: nn.Module) -> int:
@@ -65,6 +67,10 @@ def _unsupported_reason(
 ) -> str | None:
     if id(module) in read_by_parent:
         return read_by_parent[id(module)]
+    adapter = source_for(module)
+    reason = None if adapter is None else adapter.unsupported_reason(module)
+    if reason is not None:
+        return reason
     check = getattr(layer_cls, "unsupported_reason", None)
     return None if check is None else check(module)
 
@@ -211,19 +217,34 @@ def _profiles(
                 f"rank {rank!r} with multiple_of={multiple_of} needs weight values, but {fqn} "
                 "is on the meta device"
             )
-        profile_options = {}
-        if "calibration" in layer_options:
-            # The whitening options (e.g. ridge=) shape the output-error spectrum: the
-            # profile gets every option of from_dense it takes.
-            accepted = ("calibration",) + capabilities_of(layer_cls).profile_options
-            profile_options = {
-                name: value for name, value in layer_options.items() if name in accepted
-            }
+        # The options that shape the spectrum (a whitening ridge, a mode) reach the
+        # profile with or without calibration.
+        accepted = ("calibration",) + capabilities_of(layer_cls).profile_options
+        profile_options = {name: value for name, value in layer_options.items() if name in accepted}
         profile = layer_cls.rank_profile(module, **profile_options)
-        if isinstance(rank, Budget) and profile_options and not weighted:
-            profile = _hedged(profile, layer_cls.rank_profile(module))
+        if isinstance(rank, Budget) and "calibration" in profile_options and not weighted:
+            plain = {k: v for k, v in profile_options.items() if k != "calibration"}
+            profile = _hedged(profile, layer_cls.rank_profile(module, **plain))
         profiles.append(profile.restrict_to_multiples(multiple_of))
     return profiles
+
+
+def _dense_row(fqn: str, module: nn.Module, skipped: str | None = None) -> LayerReport:
+    """The report row of a target as it is (dense), optionally skipped with a reason."""
+    params, flops = _params(module), _dense_flops_per_position(module)
+    return LayerReport(
+        name=fqn,
+        source_type=type(module).__name__,
+        target_type=type(module).__name__,
+        shape=tuple(module.weight.shape),
+        rank=None,
+        params_before=params,
+        params_after=params,
+        flops_before=flops,
+        flops_after=flops,
+        weight_error=None,
+        skipped=skipped,
+    )
 
 
 def _plan_one(
@@ -235,20 +256,7 @@ def _plan_one(
     allow_larger: bool,
 ) -> LayerReport:
     """The report row of one target, decided on a meta twin (no decomposition yet)."""
-    params_before = _params(module)
-    flops_before = _dense_flops_per_position(module)
-    row = LayerReport(
-        name=fqn,
-        source_type=type(module).__name__,
-        target_type=type(module).__name__,
-        shape=tuple(module.weight.shape),
-        rank=None,
-        params_before=params_before,
-        params_after=params_before,
-        flops_before=flops_before,
-        flops_after=flops_before,
-        weight_error=None,
-    )
+    row = _dense_row(fqn, module)
     if isinstance(spec, _Skip):
         row.skipped = spec.reason
         return row
@@ -263,7 +271,8 @@ def _plan_one(
 
 def _no_saving_reason(layer: nn.Module, module: nn.Module, row: LayerReport) -> str | None:
     params, flops = _params(layer), layer.flops_per_position()
-    if params >= row.params_before or flops >= row.flops_before:
+    # A lookup (0 dense FLOPs) is judged by its parameters alone.
+    if params >= row.params_before or (row.flops_before > 0 and flops >= row.flops_before):
         return (
             f"rank {layer.rank} would not save parameters or FLOPs "
             f"({params:,} >= {row.params_before:,} or {flops:,} >= {row.flops_before:,})"

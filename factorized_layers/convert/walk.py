@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..registry import registered_layers
+from ..sources import attach_prelude, source_for
 
 _HOOK_DICTS = (
     "_forward_pre_hooks",
@@ -122,12 +123,22 @@ def _parents(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
 
 
 def _swap(old: nn.Module, new: nn.Module, parents: List[Tuple[nn.Module, str]]) -> None:
+    # A prelude (see sources.attach_prelude) is re-attached after the hooks move, so
+    # that the moved hook dicts carry it; a layer built from a config (a checkpoint)
+    # learns it from the dense subclass here.
+    prelude = new._modules.pop("input_prelude", None)
+    if prelude is None:
+        adapter = source_for(old)
+        prelude = old._modules.get("input_prelude")
+        if prelude is None and adapter is not None:
+            prelude = adapter.prelude(old)
     # Move (not copy) the hook dicts, so that handles returned by register_*_hook on the
     # old module still remove the hooks from the new one.
     for attr in _HOOK_DICTS:
         if attr in old.__dict__:
             setattr(new, attr, getattr(old, attr))
     new._is_full_backward_hook = old._is_full_backward_hook
+    attach_prelude(new, prelude)
     for parent, attr in parents:
         setattr(parent, attr, new)
 

@@ -9,6 +9,8 @@ One module per family or algorithm:
   their cache, one tensor mode) and the whitened (SVD-LLM) truncation of matrices;
 * :mod:`~factorized_layers.decompose.tucker` -- mode products, HOSVD, HOOI, the
   output-error-aware Tucker fit with its per-mode whitening, and Tucker rank reduction;
+* :mod:`~factorized_layers.decompose.tt` -- TT-SVD of tensorized matrices, TT-rounding,
+  bond spectra and the per-input-mode whitened TT-SVD;
 * :mod:`~factorized_layers.decompose.cp_format` -- the CP format (container,
   Khatri--Rao product, reconstruction) and the MTTKRP contractions;
 * :mod:`~factorized_layers.decompose.cp` -- CP-ALS, its data-aware variant and CP
@@ -44,6 +46,18 @@ from .svd import (
     relative_output_error,
     svd_tail_error,
     truncated_svd,
+)
+from .tt import (
+    TTDecomposition,
+    allocate_tt_svd_ranks,
+    tt_core_spectra,
+    tt_round,
+    tt_spectra,
+    tt_svd,
+    tt_tensor,
+    tt_to_matrix,
+    whiten_tt_inputs,
+    whitened_tt_svd,
 )
 from .tucker import (
     TuckerDecomposition,
@@ -99,4 +113,14 @@ __all__ = [
     "mode_grams",
     "whiten_input_modes",
     "whitened_tucker",
+    "TTDecomposition",
+    "allocate_tt_svd_ranks",
+    "tt_tensor",
+    "tt_spectra",
+    "tt_svd",
+    "tt_round",
+    "tt_core_spectra",
+    "tt_to_matrix",
+    "whiten_tt_inputs",
+    "whitened_tt_svd",
 ]

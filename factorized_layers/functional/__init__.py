@@ -12,6 +12,12 @@ contraction order says that is cheaper. One module per family:
   :func:`tucker_linear_equation`).
 - :mod:`~factorized_layers.functional.cp`: :func:`cp_convnd` / :func:`cp_conv2d`,
   :func:`cp_conv_separable`, :func:`cp_merged_kernel`.
+- :mod:`~factorized_layers.functional.tucker_conv`: :func:`tucker_convnd` /
+  :func:`tucker_conv2d` (Tucker-2 convolutions), :func:`tucker_conv_weight`.
+- :mod:`~factorized_layers.functional.svd_conv`: :func:`svd_conv2d` (channel or spatial
+  low-rank convolution as two convolutions) and its option split :func:`svd_conv2d_plan`.
+- :mod:`~factorized_layers.functional.tt`: :func:`tt_linear` (TT-matrix layers, core by
+  core), :func:`tt_dense_weight`, :func:`tt_plan` / :func:`tt_schedule`.
 - :mod:`~factorized_layers.functional._conv`: convolution argument handling shared by
   every convolution family (:func:`conv_tuple`, :func:`conv_padding_pairs`,
   ``PADDING_MODES``, output sizes, padding in ``padding_mode``).
@@ -22,6 +28,8 @@ from . import svd as _svd
 from ._conv import conv_padding_pairs, conv_tuple
 from .cp import cp_conv2d, cp_conv_separable, cp_convnd, cp_merged_kernel
 from .svd import svd_linear, svd_linear_input_first
+from .svd_conv import svd_conv2d, svd_conv2d_plan
+from .tt import TTPlan, tt_dense_weight, tt_linear, tt_plan, tt_schedule
 from .tucker import (
     TuckerPlan,
     tucker_dense_weight,
@@ -31,10 +39,13 @@ from .tucker import (
     tucker_plan,
     tucker_schedule_costs,
 )
+from .tucker_conv import tucker_conv2d, tucker_conv_weight, tucker_convnd
 
 __all__ = [
     "svd_linear",
     "svd_linear_input_first",
+    "svd_conv2d",
+    "svd_conv2d_plan",
     "TuckerPlan",
     "tucker_plan",
     "tucker_schedule_costs",
@@ -48,6 +59,14 @@ __all__ = [
     "cp_conv_separable",
     "cp_convnd",
     "cp_merged_kernel",
+    "tucker_conv2d",
+    "tucker_conv_weight",
+    "tucker_convnd",
+    "TTPlan",
+    "tt_dense_weight",
+    "tt_linear",
+    "tt_plan",
+    "tt_schedule",
 ]
 
 # Public names of the old module outside ``__all__`` (the layers import the first two

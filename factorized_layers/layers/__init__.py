@@ -7,7 +7,11 @@ import torch.nn as nn
 from .base import FactorizedLayer, Fit
 from .cp import CPConv1d, CPConv2d, CPConv3d
 from .svd import SVDLinear
+from .svd_conv import SVDConv2d
+from .svd_embedding import SVDEmbedding
+from .tt import TTLinear
 from .tucker import TuckerLinear
+from .tucker_conv import TuckerConv2d
 
 __all__ = [
     "CPConv1d",
@@ -15,7 +19,11 @@ __all__ = [
     "CPConv3d",
     "FactorizedLayer",
     "Fit",
+    "SVDEmbedding",
+    "SVDConv2d",
     "SVDLinear",
+    "TTLinear",
+    "TuckerConv2d",
     "TuckerLinear",
     "default_layers",
 ]

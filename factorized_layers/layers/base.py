@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..calibrate import InputStats
 from ..ranks import POLICY_TYPES, RankProfile, select_rank
 from ..registry import Capabilities
-from ..sources import SourceAdapter, copied_parameter
+from ..sources import SourceAdapter, attach_prelude, copied_parameter
 
 __all__ = ["FactorizedLayer", "Fit", "Calibration", "gram_of", "fast_parameter"]
 
@@ -160,7 +160,7 @@ class FactorizedLayer(nn.Module, abc.ABC):
                 on a meta-device source.
         """
         cls.source.check(module, cls.__name__)
-        reason = cls.unsupported_reason(module)
+        reason = cls.source.unsupported_reason(module) or cls.unsupported_reason(module)
         if reason is not None:
             raise ValueError(
                 f"{cls.__name__} cannot convert this {type(module).__name__}: {reason}"
@@ -172,7 +172,8 @@ class FactorizedLayer(nn.Module, abc.ABC):
             fit = cls.fit_factors(module, concrete, **fit_options)
         weight = module.weight
         layer = cls._assemble(fit, weight.dtype, lambda name: weight)
-        return cls._finish(layer, module.bias, fit, module.training)
+        layer = cls._finish(layer, getattr(module, "bias", None), fit, module.training)
+        return attach_prelude(layer, cls.source.prelude(module))
 
     def truncated(self, rank: Any, **options: Any) -> FactorizedLayer:
         """A lower-rank copy computed from this layer's own factors (never a dense weight).
@@ -200,7 +201,8 @@ class FactorizedLayer(nn.Module, abc.ABC):
         layer = type(self)._assemble(
             fit, reference.dtype, lambda name: parameters.get(name, reference)
         )
-        return type(self)._finish(layer, self.bias, fit, self.training)
+        layer = type(self)._finish(layer, self.bias, fit, self.training)
+        return attach_prelude(layer, self._modules.get("input_prelude"))
 
     def to_dense(self) -> nn.Module:
         """The dense module computing the same function, on the same device and dtype."""

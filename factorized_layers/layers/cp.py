@@ -136,6 +136,7 @@ class _CPConvNd(FactorizedLayer):
         ridge_option="whitening_ridge",
         profile_options=("whitening_ridge",),
         truncation_options=("n_iter", "tol"),
+        profile_errors="lower_bound",
     )
     __constants__ = [
         "in_channels",

@@ -18,6 +18,8 @@ Modules:
   low-rank (SVD), CP and Tucker weights and layers;
 * :mod:`~factorized_layers.ranks.tucker` -- Tucker multilinear ranks: their limits,
   rank-spec resolution and the error-minimising :func:`allocate_tucker_ranks`;
+* :mod:`~factorized_layers.ranks.tt` -- tensor-train bond ranks: limits, costs, rank-spec
+  resolution and the error-minimising :func:`allocate_tt_ranks`;
 * :mod:`~factorized_layers.ranks.policies` -- the rank policies :class:`Energy`,
   :class:`ErrorBound`, :class:`EVBMF` and :class:`Budget`, :class:`RankProfile`,
   :func:`select_rank` and the global :func:`allocate_budget`;
@@ -48,6 +50,7 @@ from .policies import (
     select_rank,
 )
 from .spec import RankSpec, check_positive, cp_max_rank, resolve_cp_rank, resolve_matrix_rank
+from .tt import allocate_tt_ranks, max_tt_ranks, resolve_tt_ranks, tt_linear_flops, tt_params
 from .tucker import allocate_tucker_ranks, max_tucker_ranks, resolve_tucker_ranks
 
 # Public, though not in ``__all__`` (as in the single-module ``ranks``): the policy
@@ -81,4 +84,9 @@ __all__ = [
     "resolve_tucker_ranks",
     "allocate_tucker_ranks",
     "tucker_linear_flops",
+    "max_tt_ranks",
+    "resolve_tt_ranks",
+    "allocate_tt_ranks",
+    "tt_params",
+    "tt_linear_flops",
 ]

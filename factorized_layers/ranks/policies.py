@@ -240,13 +240,15 @@ class RankProfile:
     def saving(self) -> RankProfile:
         """Only the candidates with fewer parameters *and* FLOPs than the dense layer.
 
-        May be empty: then no factorization of this layer pays off.
+        A dense layer without multiply-adds (a lookup table, ``dense_flops == 0``) is
+        judged by parameters alone. May be empty: then no factorization pays off.
         """
         return self._subset(
             [
                 i
                 for i in range(len(self.ranks))
-                if self.params[i] < self.dense_params and self.flops[i] < self.dense_flops
+                if self.params[i] < self.dense_params
+                and (self.dense_flops == 0 or self.flops[i] < self.dense_flops)
             ]
         )
 
