@@ -87,26 +87,33 @@ def test_auto_with_a_budget_keeps_the_budget_and_names_the_choice():
     assert kept <= 0.5 * dense * 1.0001
     for row in report.replaced:
         assert row.note.startswith(f"auto: {row.target_type}")
-        assert "output error" in row.note
+        assert "RMS of output and weight error" in row.note
     linear_rows = [row for row in report.replaced if row.source_type == "Linear"]
     assert all(row.output_error is not None for row in linear_rows)
 
 
-def test_calibrated_choice_is_never_worse_than_any_single_family_on_output_error():
-    # With calibration the families are compared on the output error on that data; the
-    # report's output error of a linear layer is computed independently of the choice.
+def test_calibrated_choice_is_never_worse_than_any_single_family_on_hedged_error():
+    # With calibration the families are compared on the root mean square of output and
+    # weight error; the report computes both for a linear layer independently of the
+    # choice (relative_output_error on the Gram, and the weight error).
     batches = _batches()
     report = factorize_(_model(), 0.4, layers="auto", calibration=batches, allow_slower=True)
-    chosen = {row.name: row.output_error for row in report.replaced if row.output_error}
+    linear = [row for row in report.replaced if row.output_error is not None]
+    chosen = {row.name: _hedged(row) for row in linear}
+    assert chosen and all("RMS of output and weight error" in row.note for row in linear)
     compared = 0
     for family in _candidates_of(nn.Linear(2, 2)):
         single = factorize_(
             _model(), 0.4, layers={nn.Linear: family}, calibration=batches, sequential=False
         )
         for row in single.replaced:
-            assert chosen[row.name] <= row.output_error + 1e-6, (row.name, family.__name__)
+            assert chosen[row.name] <= _hedged(row) + 1e-6, (row.name, family.__name__)
             compared += 1
     assert compared >= 2 * len(chosen)
+
+
+def _hedged(row) -> float:
+    return ((row.output_error**2 + row.weight_error**2) / 2) ** 0.5
 
 
 def test_speed_guard_drops_slower_families(monkeypatch):
@@ -173,3 +180,12 @@ def test_auto_mapping_covers_every_registered_source_type():
     for sources in registered_layers().values():
         assert all(source in mapping for source in sources)
     assert mapping[nn.Linear] in registered_layers() and SVDLinear in registered_layers()
+
+
+def test_svd_conv2d_offers_both_modes_except_for_a_pointwise_kernel():
+    def modes(conv):
+        return sorted(v["mode"] for cls, v in auto._candidates(conv) if "mode" in v)
+
+    assert modes(nn.Conv2d(4, 8, 3)) == ["channel", "spatial"]
+    assert modes(nn.Conv2d(4, 8, 1)) == ["channel"]
+    assert auto._candidates(nn.Conv2d(4, 8, 3, groups=2)) == []
