@@ -78,6 +78,10 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
         "MiniLM and SmolLM2-135M healed by distill_ after conversion: quality vs seconds, "
         "global vs local",
     ),
+    "families": (
+        "benchmarks.bench_families",
+        'MiniLM encoder converted by each Linear family and by layers="auto" at equal budget',
+    ),
     "efficientnet": (
         "benchmarks.bench_efficientnet",
         'EfficientNet-Lite0 at half the parameters: top-1 agreement, layers="auto" vs '
