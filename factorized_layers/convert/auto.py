@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..calibrate import InputStats, check_batch, run_batch
+from ..decompose import whitening_cache
 from ..ranks import Budget, RankProfile, allocate_budget, select_rank
 from ..registry import capabilities_of, registered_layers
 from ..sources import source_for
@@ -311,6 +312,23 @@ def choose_families(
     Returns:
         ``{fqn: Choice}``.
     """
+    # Every family's profile and fit of a layer whiten with the same Gram: one eigh each.
+    with whitening_cache():
+        return _choose(targets, rank, options, layer_options, stats, sensitivities, shapes,
+                       allow_slower)  # fmt: skip
+
+
+def _choose(
+    targets: List[Tuple[str, nn.Module, type]],
+    rank: Any,
+    options: Mapping[str, Any],
+    layer_options: Mapping[type, Mapping[str, Any]] | None,
+    stats: Mapping[str, InputStats],
+    sensitivities: List[float] | None,
+    shapes: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
+    allow_slower: bool,
+) -> Dict[str, Choice]:
+    """:func:`choose_families` inside one whitening cache."""
     weighted = sensitivities is not None
     hedge = isinstance(rank, Budget) and not weighted
     choices: Dict[str, Choice] = {}

@@ -39,6 +39,7 @@ from ._common import (
     _normalized_gram,
     _whitening_eig,
 )
+from .whiten import normalized_whitening_eig
 
 __all__ = [
     "TTDecomposition",
@@ -481,8 +482,11 @@ def _input_roots(
         mode = wide.permute([k, *others, d + k, *[d + j for j in others]])
         rest = features // in_shape[k]
         mode = mode.reshape(in_shape[k], rest, in_shape[k], rest)
-        mode_gram = mode.diagonal(dim1=1, dim2=3).sum(-1) / rest
-        vectors, values = _whitening_eig(mode_gram, ridge)
+        if rest == 1:  # the whole input: the (cached, under whitening_cache) full root
+            vectors, values = normalized_whitening_eig(gram, gram.device, torch.float64, ridge)
+        else:
+            mode_gram = mode.diagonal(dim1=1, dim2=3).sum(-1) / rest
+            vectors, values = _whitening_eig(mode_gram, ridge)
         roots.append((vectors * values).to(dtype))
         inverses.append((vectors / values).mT.to(dtype))
     return tuple(roots), tuple(inverses)
