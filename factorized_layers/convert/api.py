@@ -13,7 +13,6 @@ from ..calibrate import InputStats
 from ..ranks import EVBMF, POLICY_TYPES, Budget, check_positive
 from ..registry import capabilities_of, registered_layers
 from ..sequential import CacheLimitError, Sequential, Target, sequential_convert
-from ..sources import source_for
 from .auto import (
     AUTO,
     auto_mapping,
@@ -337,22 +336,10 @@ def _convert_auto(
 
 def _tied_row(fqn: str, module: nn.Module, owner: str) -> LayerReport:
     """The report row of a follower: its shared weight is counted at the owner."""
-    shared = module.weight.numel()
-    params = _params(module) - shared
-    flops = source_for(module).dense_flops(module)
-    return LayerReport(
-        name=fqn,
-        source_type=type(module).__name__,
-        target_type=type(module).__name__,
-        shape=tuple(module.weight.shape),
-        rank=None,
-        params_before=params,
-        params_after=params,
-        flops_before=flops,
-        flops_after=flops,
-        weight_error=None,
-        note=f"weight tied to {owner}: shares its factors",
-    )
+    row = _dense_row(fqn, module)
+    row.params_before = row.params_after = row.params_before - module.weight.numel()
+    row.note = f"weight tied to {owner}: shares its factors"
+    return row
 
 
 def _convert_in_one_pass(

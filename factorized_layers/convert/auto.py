@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..calibrate import InputStats, check_batch, run_batch
-from ..decompose import whitening_cache
+from ..decompose import relative_output_error, whitening_cache
 from ..ranks import Budget, RankProfile, allocate_budget, select_rank
 from ..registry import capabilities_of, registered_layers
 from ..sources import source_for
@@ -200,17 +200,13 @@ def _fit_error(module: nn.Module, layer: nn.Module, stats: InputStats | None) ->
     """
     with torch.no_grad():
         reference = module.weight.detach().to(torch.float64)
-        difference = layer.dense_weight().detach().to(torch.float64) - reference
-        weight_error = float(difference.norm() / reference.norm().clamp_min(1e-300))
+        approximation = layer.dense_weight().detach().to(torch.float64)
+        weight_error = float(
+            (approximation - reference).norm() / reference.norm().clamp_min(1e-300)
+        )
         if stats is None:
             return weight_error
-        gram = stats.gram.to(device=reference.device, dtype=torch.float64)
-        out, inputs = reference.shape[0], reference.shape[1]
-        d = difference.reshape(out, inputs, -1)
-        w = reference.reshape(out, inputs, -1)
-        numerator = torch.einsum("ock,cd,odk->", d, gram, d).clamp_min(0)
-        denominator = torch.einsum("ock,cd,odk->", w, gram, w).clamp_min(1e-300)
-        output_error = math.sqrt(float(numerator / denominator))
+        output_error = relative_output_error(reference, approximation, stats.gram)
         return math.sqrt((output_error**2 + weight_error**2) / 2)
 
 

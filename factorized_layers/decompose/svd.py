@@ -186,6 +186,10 @@ def relative_output_error(
 ) -> float:
     """``||(W - W') X^T||_F / ||W X^T||_F`` from the Gram matrix ``X^T X`` (no activations).
 
+    A convolution kernel ``(out, in, *kernel)`` with the Gram of its input *channels* is
+    viewed as ``(out, in, positions)`` and summed over kernel positions: the error in the
+    metric of the input-channel Gram (exact for a linear layer).
+
     Examples:
         >>> x, w = torch.randn(30, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
         >>> round(relative_output_error(w, 0 * w, x.T @ x), 6)
@@ -194,8 +198,10 @@ def relative_output_error(
     g = gram.detach().to(device=weight.device, dtype=torch.float64)
     w = weight.detach().to(torch.float64)
     difference = w - approximation.detach().to(device=weight.device, dtype=torch.float64)
-    numerator = torch.einsum("oi,ij,oj->", difference, g, difference).clamp_min(0)
-    denominator = torch.einsum("oi,ij,oj->", w, g, w).clamp_min(1e-300)
+    w = w.reshape(w.shape[0], w.shape[1], -1)
+    difference = difference.reshape(w.shape)
+    numerator = torch.einsum("oik,ij,ojk->", difference, g, difference).clamp_min(0)
+    denominator = torch.einsum("oik,ij,ojk->", w, g, w).clamp_min(1e-300)
     return math.sqrt(float(numerator / denominator))
 
 

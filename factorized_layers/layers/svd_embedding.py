@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..decompose import low_rank_factors, reduce_low_rank
 from ..ranks import RankProfile, RankSpec, check_positive, resolve_matrix_rank
 from ..registry import Capabilities, register_layer
-from ..sources import EmbeddingSource
+from ..sources import EmbeddingSource, copied_parameter
 from .base import FactorizedLayer, Fit, fast_parameter
 from .svd import SVDLinear
 
@@ -159,9 +159,7 @@ class SVDEmbedding(FactorizedLayer):
         head.input_factor = self.column_factor
         head.output_factor = self.row_factor
         if bias is not None:
-            head.bias = nn.Parameter(
-                bias.detach().clone().contiguous(), requires_grad=bias.requires_grad
-            )
+            head.bias = copied_parameter(bias)
         return head.train(self.training)
 
     def tie(self, module: nn.Module) -> nn.Module:
