@@ -193,9 +193,7 @@ def section(quick: bool, device: str) -> Section:
         fractions[len(fractions) // 2]
     ]
     for fraction in headline_fractions:
-        at = {
-            (r["policy"], r["init"]): r["mean_cosine"] for r in rows if r["fraction"] == fraction
-        }
+        at = {(r["policy"], r["init"]): r["mean_cosine"] for r in rows if r["fraction"] == fraction}
         line = f"MiniLM encoder at {fraction} of its Linear parameters, mean embedding cosine "
         line += "to the original: " + ", ".join(
             f"{policy} {init} {cosine:.3f}" for (policy, init), cosine in at.items()

@@ -50,9 +50,7 @@ def load_smollm2() -> Tuple[torch.nn.Module, object]:
         )
         config = loaded.config.to_dict()
         config.pop("quantization_config", None)
-        torch.save(
-            {"config": config, "state_dict": loaded.state_dict()}, cache / "model.pt.tmp"
-        )
+        torch.save({"config": config, "state_dict": loaded.state_dict()}, cache / "model.pt.tmp")
         os.replace(cache / "model.pt.tmp", cache / "model.pt")
         tokenizer.save_pretrained(tokenizer_cache)
     saved = torch.load(cache / "model.pt", weights_only=True)

@@ -11,10 +11,12 @@ from .checkpoint import factorization_plan, load_factorized, save_factorized
 from .convert import FactorizationReport, LayerReport, factorize_, truncate_, unfactorize_
 from .decompose import TruncatedSVD, low_rank_factors, truncated_svd
 from .distill import DistillReport, distill_
+from .export import OnnxExport, export_onnx, export_program
 from .layers import (
     CPConv1d,
     CPConv2d,
     CPConv3d,
+    DynamicInt8SVDLinear,
     FactorizedLayer,
     SVDConv2d,
     SVDEmbedding,
@@ -23,6 +25,7 @@ from .layers import (
     TuckerConv2d,
     TuckerLinear,
 )
+from .quantize import QuantizationReport, quantize_
 from .ranks import EVBMF, Budget, Energy, ErrorBound, RankProfile, RankSpec, resolve_matrix_rank
 from .registry import Capabilities, register_layer, registered_layers
 from .sequential import Sequential
@@ -33,6 +36,7 @@ __all__ = [
     "CPConv1d",
     "CPConv2d",
     "CPConv3d",
+    "DynamicInt8SVDLinear",
     "FactorizedLayer",
     "Capabilities",
     "registered_layers",
@@ -47,6 +51,11 @@ __all__ = [
     "Sequential",
     "distill_",
     "DistillReport",
+    "export_onnx",
+    "export_program",
+    "OnnxExport",
+    "quantize_",
+    "QuantizationReport",
     "InputStats",
     "unfactorize_",
     "truncate_",

@@ -10,6 +10,9 @@ decomposition is computed) and loads the weights. Loading never unpickles code:
 torch files are read with ``weights_only=True``, ``.safetensors`` files with
 ``safetensors``, and only classes registered with
 :func:`~factorized_layers.registry.register_layer` can be named by a plan.
+Layers quantized by :func:`~factorized_layers.quantize.quantize_` are saved under
+their float class and configuration with a ``"quantization"`` mode, and rebuilt
+quantized.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn as nn
 
 from .convert.ties import tied_groups
 from .convert.walk import _parents, _swap
+from .quantize import QUANTIZATION_MODES, apply_quantization, quantization_of
 from .registry import registered_layers
 from .sources import source_for
 
@@ -46,8 +50,9 @@ def factorization_plan(model: nn.Module) -> Dict[str, Any]:
 
     Returns:
         ``{"format", "version", "layers": [{"name", "class", "source", "config"}]}``,
-        JSON-serialisable. A layer shared by several parents appears once, under
-        its first name.
+        JSON-serialisable; a quantized layer's entry also has ``"quantization"``
+        (``"int8_weight"`` or ``"int8_dynamic"``). A layer shared by several parents
+        appears once, under its first name.
 
     Raises:
         TypeError: A factorized layer has no ``get_config``.
@@ -63,7 +68,7 @@ def factorization_plan(model: nn.Module) -> Dict[str, Any]:
     classes = registered_layers()
     layers = []
     for name, module in model.named_modules():
-        cls = type(module)
+        quantization, cls = quantization_of(module)
         if cls not in classes:
             continue
         if not name:
@@ -73,14 +78,15 @@ def factorization_plan(model: nn.Module) -> Dict[str, Any]:
             )
         if not hasattr(module, "get_config"):
             raise TypeError(f"{cls.__name__} has no get_config(); it cannot be saved in a plan")
-        layers.append(
-            {
-                "name": name,
-                "class": cls.__name__,
-                "source": [t.__name__ for t in classes[cls]],
-                "config": module.get_config(),
-            }
-        )
+        entry = {
+            "name": name,
+            "class": cls.__name__,
+            "source": [t.__name__ for t in classes[cls]],
+            "config": module.get_config(),
+        }
+        if quantization is not None:
+            entry["quantization"] = quantization
+        layers.append(entry)
     return {"format": FORMAT, "version": VERSION, "layers": layers}
 
 
@@ -261,6 +267,11 @@ def _check_plan(plan: Any) -> None:
                 f"plan entry {i} must be a dict with str 'name', str 'class' and dict "
                 f"'config', got {entry!r}"
             )
+        if entry.get("quantization", None) not in (None, *QUANTIZATION_MODES):
+            raise ValueError(
+                f"plan entry {entry['name']!r}: quantization must be one of "
+                f"{QUANTIZATION_MODES}, got {entry['quantization']!r}"
+            )
         if entry["name"] in names:
             raise ValueError(f"plan names layer {entry['name']!r} twice")
         names.add(entry["name"])
@@ -282,8 +293,11 @@ def _build_replacements(
         by_name[cls.__name__] = cls
     modules = dict(model.named_modules())
     checked: Dict[str, Tuple[nn.Module, type, Dict[str, Any]]] = {}
+    quantized: Dict[str, str] = {}
     for entry in plan["layers"]:
         name, class_name, config = entry["name"], entry["class"], entry["config"]
+        if entry.get("quantization") is not None:
+            quantized[name] = entry["quantization"]
         cls = by_name.get(class_name)
         if cls is None:
             raise TypeError(
@@ -341,6 +355,13 @@ def _build_replacements(
                 f"factors of config {tied.get_config()}, but the plan has {config}"
             )
         replacements[follower] = (module, tied.train(module.training))
+    for name, mode in quantized.items():
+        if name in replacements:
+            module, layer = replacements[name]
+            try:
+                replacements[name] = (module, apply_quantization(layer, mode))
+            except ValueError as error:
+                raise ValueError(f"plan entry {name!r}: {error}") from None
     return replacements
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "contraction_expression",
     "contraction_path",
     "default_cache",
+    "shape_free_schedule",
 ]
 
 Shape = Tuple[int, ...]
@@ -110,6 +111,24 @@ class ContractionCache:
 
 default_cache = ContractionCache()
 """The process-wide cache used by the layers."""
+
+
+def shape_free_schedule() -> bool:
+    """Whether a kernel must pick its schedule without looking at the input's shape.
+
+    True while ``torch.export`` traces (``torch.onnx.export(..., dynamo=True)``
+    included). There the batch, sequence and image sizes may be symbolic, and a branch
+    on them would either specialise the exported program to the example's sizes or
+    make an export with dynamic dimensions fail. Kernels then take the schedule that
+    is best as the batch grows (the serving case) and the plainest graph (no CPU-only
+    tricks such as rotations by GEMM), so the exported program is valid for every size.
+    ``torch.compile`` is not affected: its shape guards recompile where needed.
+
+    Examples:
+        >>> shape_free_schedule()
+        False
+    """
+    return torch.compiler.is_exporting()
 
 
 def contraction_expression(

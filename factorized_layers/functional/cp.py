@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..contract import shape_free_schedule
 from ._conv import (
     DEPTHWISE_CONV,
     check_padding_mode,
@@ -178,8 +179,10 @@ def cp_convnd(
     channels_last = _is_channels_last(input)
     _check_bias_dtype(bias, out_channel_factor.dtype)
     depthwise_bias = None
-    if bias is not None and _bias_channel_pays(
-        input, out_channel_factor, pads, kernel_size, stride, dilation
+    if (
+        bias is not None
+        and not shape_free_schedule()
+        and _bias_channel_pays(input, out_channel_factor, pads, kernel_size, stride, dilation)
     ):
         in_channel_factor, spatial_factors, out_channel_factor, depthwise_bias = _with_bias_channel(
             in_channel_factor, spatial_factors, out_channel_factor, bias
@@ -263,7 +266,10 @@ def _contract_input_channels(input, in_channel_factor, channels_last: bool) -> t
         batch, spatial = input.shape[0], tuple(input.shape[2:])
         in_channels, rank = in_channel_factor.shape
         columns = input.flatten(2).transpose(1, 2)
-        if math.prod(spatial) * in_channels * rank >= _BATCHED_GEMM_MIN_MACS:
+        if (
+            not shape_free_schedule()
+            and math.prod(spatial) * in_channels * rank >= _BATCHED_GEMM_MIN_MACS
+        ):
             # bmm reads the transposed (N, pixels, C_in) view in place; matmul would
             # first copy it to fold the batch into the rows.
             hidden = torch.bmm(columns, in_channel_factor.expand(batch, in_channels, rank))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..contract import contraction_path
+from ..contract import contraction_path, shape_free_schedule
 from ..ranks import dense_linear_flops, low_rank_break_even, low_rank_linear_flops
 
 __all__ = ["svd_linear", "svd_linear_input_first"]
@@ -35,7 +35,11 @@ def svd_linear_input_first(batch: int, in_features: int, out_features: int, rank
         >>> svd_linear_input_first(4096, 384, 384, 384)
         False
     """
-    if rank <= low_rank_break_even(out_features, in_features) or batch == 0:
+    if rank <= low_rank_break_even(out_features, in_features):
+        return True
+    if shape_free_schedule():
+        return False  # above break-even the weight-first slope per row is the smaller one
+    if batch == 0:
         return True
     if torch.compiler.is_compiling():
         input_first = low_rank_linear_flops(in_features, out_features, rank, batch)

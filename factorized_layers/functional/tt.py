@@ -31,6 +31,7 @@ from typing import NamedTuple, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..contract import shape_free_schedule
 from ..ranks.tt import tt_linear_flops
 from .svd import check_linear_input
 
@@ -154,7 +155,7 @@ def tt_schedule(plan: TTPlan, batch: int) -> str:
         >>> tt_schedule(tt_plan((48, 32), (24, 16), (192,)), 4096)
         'weight_first'
     """
-    if plan.excess > 0 and batch * plan.excess > plan.build:
+    if plan.excess > 0 and (shape_free_schedule() or batch * plan.excess > plan.build):
         return "weight_first"
     return plan.order
 

@@ -17,7 +17,7 @@ import opt_einsum
 import torch
 import torch.nn.functional as F
 
-from ..contract import contraction_path
+from ..contract import contraction_path, shape_free_schedule
 
 __all__ = [
     "TuckerPlan",
@@ -147,6 +147,9 @@ def tucker_linear_input_first(plan: TuckerPlan, batch: int) -> bool:
         >>> tucker_linear_input_first(tucker_plan((24,), (24,), (24,), (23,)), 4096)
         False
     """
+    if shape_free_schedule():
+        per_row_first, weight_first = tucker_schedule_costs(plan, 1)
+        return per_row_first <= weight_first - tucker_schedule_costs(plan, 0)[1]
     if batch == 0:
         return True
     if torch.compiler.is_compiling():
@@ -198,7 +201,12 @@ def _rotated(t: torch.Tensor, mode_first: bool) -> torch.Tensor:
     other row of the batch.
     """
     n = t.shape[0] if mode_first else t.shape[1]
-    if t.device.type != "cpu" or n > _GEMM_ROTATION_MAX_MODE or t.numel() < _GEMM_ROTATION_MIN_SIZE:
+    if (
+        shape_free_schedule()
+        or t.device.type != "cpu"
+        or n > _GEMM_ROTATION_MAX_MODE
+        or t.numel() < _GEMM_ROTATION_MIN_SIZE
+    ):
         return t.mT.contiguous()
     eye = torch.eye(n, dtype=t.dtype, device=t.device)
     return torch.mm(t.mT, eye) if mode_first else torch.mm(eye, t.mT)
@@ -451,7 +459,7 @@ def tucker_linear(
         return _single_mode_linear(input, batch, plan, core, out_factors, in_factors, bias)
     if not (plan.always_input_first or _input_first(plan, batch)):
         return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
-    if batch * plan.small_products_per_row <= _IN_PLACE_MAX_PRODUCTS:
+    if not shape_free_schedule() and batch * plan.small_products_per_row <= _IN_PLACE_MAX_PRODUCTS:
         return _modes_in_place(input, batch, plan, core, out_factors, in_factors, bias)
     return _rotation_chain(input, batch, plan, core, out_factors, in_factors, bias)
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from .base import FactorizedLayer, Fit
 from .cp import CPConv1d, CPConv2d, CPConv3d
-from .svd import SVDLinear
+from .svd import DynamicInt8SVDLinear, SVDLinear
 from .svd_conv import SVDConv2d
 from .svd_embedding import SVDEmbedding
 from .tt import TTLinear
@@ -17,6 +17,7 @@ __all__ = [
     "CPConv1d",
     "CPConv2d",
     "CPConv3d",
+    "DynamicInt8SVDLinear",
     "FactorizedLayer",
     "Fit",
     "SVDEmbedding",

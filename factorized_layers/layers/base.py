@@ -110,6 +110,15 @@ class FactorizedLayer(nn.Module, abc.ABC):
         """Why ``module`` cannot be converted (``None`` when it can)."""
         return None
 
+    def dynamic_int8(self) -> nn.Module | None:
+        """An inference module computing this layer with int8 activations and factors.
+
+        ``None`` (the default) when the family has no int8 GEMM schedule; then
+        :func:`~factorized_layers.quantize.quantize_` stores the factors as int8 and
+        computes in floating point instead.
+        """
+        return None
+
     @abc.abstractmethod
     def dense_weight(self) -> torch.Tensor:
         """The weight the factors represent (differentiable)."""

@@ -16,6 +16,7 @@ from ..decompose import (
     whitened_singular_values,
 )
 from ..functional import check_linear_input, svd_linear
+from ..functional.int8 import int8_linear, quantize_rows
 from ..ranks import (
     RankProfile,
     RankSpec,
@@ -27,7 +28,7 @@ from ..registry import Capabilities, register_layer
 from ..sources import LinearSource
 from .base import Calibration, FactorizedLayer, Fit, fast_parameter, gram_of
 
-__all__ = ["SVDLinear"]
+__all__ = ["DynamicInt8SVDLinear", "SVDLinear"]
 
 
 @register_layer
@@ -143,6 +144,16 @@ class SVDLinear(FactorizedLayer):
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight the factors represent (differentiable)."""
         return self.output_factor @ self.input_factor
+
+    def dynamic_int8(self) -> DynamicInt8SVDLinear:
+        """This layer with int8 factors and dynamically quantized int8 activations.
+
+        Examples:
+            >>> layer = SVDLinear.from_dense(nn.Linear(64, 32), rank=8)
+            >>> layer.dynamic_int8()
+            DynamicInt8SVDLinear(in_features=64, out_features=32, rank=8, bias=True)
+        """
+        return DynamicInt8SVDLinear.from_float(self)
 
     def flops_per_position(self) -> int:
         """Multiply-accumulates per input row (token): ``rank * (in + out)``."""
@@ -286,6 +297,103 @@ class SVDLinear(FactorizedLayer):
         )
         config = dict(self.get_config(), rank=new_rank)
         return Fit(config, {"output_factor": output_factor, "input_factor": input_factor})
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}"
+        )
+
+
+class DynamicInt8SVDLinear(nn.Module):
+    """Inference-only :class:`SVDLinear` with int8 factors and int8 activations.
+
+    Both factors are stored as ``int8`` with one float32 scale per row (per output
+    channel of each product); at run time each input row, and each row of the
+    rank-``r`` intermediate, is quantized symmetrically to ``int8`` and multiplied
+    with int32 accumulation (:func:`~factorized_layers.functional.int8.int8_linear`).
+    The factors take a quarter of their float32 bytes. Built by
+    :meth:`SVDLinear.dynamic_int8` or :func:`~factorized_layers.quantize.quantize_`
+    with ``mode="int8_dynamic"``; everything is a buffer (nothing trains).
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        rank: Inner dimension of the two products.
+        bias: If ``False``, no additive bias.
+        device: Device of the buffers.
+
+    Shape:
+        - Input: ``(*, in_features)``, any floating dtype.
+        - Output: ``(*, out_features)``, the input's dtype.
+
+    Examples:
+        >>> layer = SVDLinear.from_dense(nn.Linear(64, 32), rank=8)
+        >>> quantized = DynamicInt8SVDLinear.from_float(layer)
+        >>> x = torch.randn(5, 64)
+        >>> bool((quantized(x) - layer(x)).abs().max() < 0.05)
+        True
+    """
+
+    __constants__ = ["in_features", "out_features", "rank"]
+    float_layer = SVDLinear
+    """The float class this module quantizes (checkpoint plans name it)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive("in_features", in_features)
+        self.out_features = check_positive("out_features", out_features)
+        self.rank = check_positive("rank", rank)
+        int8 = {"dtype": torch.int8, "device": device}
+        fp32 = {"dtype": torch.float32, "device": device}
+        self.register_buffer("input_values", torch.zeros(rank, in_features, **int8))
+        self.register_buffer("input_scale", torch.ones(rank, 1, **fp32))
+        self.register_buffer("output_values", torch.zeros(out_features, rank, **int8))
+        self.register_buffer("output_scale", torch.ones(out_features, 1, **fp32))
+        self.register_buffer("bias", torch.zeros(out_features, **fp32) if bias else None)
+
+    @classmethod
+    def from_float(cls, layer: SVDLinear) -> DynamicInt8SVDLinear:
+        """Quantize ``layer``'s factors row-wise (bias kept in float32).
+
+        Raises:
+            TypeError: If ``layer`` is not an :class:`SVDLinear`.
+            ValueError: If a factor holds NaN or Inf.
+        """
+        if not isinstance(layer, SVDLinear):
+            raise TypeError(f"from_float expects an SVDLinear, got {type(layer).__name__}")
+        device = layer.input_factor.device
+        quantized = cls(
+            layer.in_features, layer.out_features, layer.rank, layer.bias is not None, device
+        )
+        with torch.no_grad():
+            for side in ("input", "output"):
+                values, scale = quantize_rows(getattr(layer, f"{side}_factor"))
+                getattr(quantized, f"{side}_values").copy_(values)
+                getattr(quantized, f"{side}_scale").copy_(scale)
+            if layer.bias is not None:
+                quantized.bias.copy_(layer.bias.float())
+        return quantized.train(layer.training)
+
+    def get_config(self) -> Dict[str, Any]:
+        """The configuration of the :class:`SVDLinear` this module quantizes."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        hidden = int8_linear(input, self.input_values, self.input_scale)
+        return int8_linear(hidden, self.output_values, self.output_scale, self.bias)
 
     def extra_repr(self) -> str:
         return (
