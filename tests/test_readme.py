@@ -3,20 +3,47 @@
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+REQUIRES = re.compile(r"^# requires: (.*)$", flags=re.M)
+"""A block whose first line is ``# requires: a, b`` needs those optional packages."""
+
+
+def _blocks():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    return blocks
+
+
+def _requirements(block: str):
+    match = REQUIRES.match(block)
+    return [] if match is None else [name.strip() for name in match.group(1).split(",")]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples save checkpoints into the working folder
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README has no python example"
     namespaces = []
-    for block in blocks:
+    for block in _blocks():
+        if _requirements(block):
+            continue  # run by test_readme_examples_with_optional_packages_run
         namespaces.append({})
         exec(compile(block, str(README), "exec"), namespaces[-1])
     first = namespaces[0]  # the 30-second example
     assert 0 < float(first["err"].detach()) < 1
     assert first["small"].rank == 76
+
+
+def test_readme_examples_with_optional_packages_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    optional = [block for block in _blocks() if _requirements(block)]
+    assert optional, "README has no example that needs an optional extra (the Deploy one)"
+    for block in optional:
+        for name in _requirements(block):
+            pytest.importorskip(name, reason=f"the README example needs {name}")
+        exec(compile(block, str(README), "exec"), {})
 
 
 def test_readme_test_command_is_the_one_ci_runs():
