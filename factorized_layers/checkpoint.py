@@ -17,10 +17,12 @@ quantized.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import warnings
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -96,7 +98,10 @@ def save_factorized(model: nn.Module, path: PathLike) -> None:
     A path ending in ``.safetensors`` is written with ``safetensors`` (the plan as
     JSON in the header metadata; tied weights stored once); any other path with
     ``torch.save`` as ``{"plan": <JSON str>, "state_dict": ...}``, loadable with
-    ``torch.load(..., weights_only=True)``.
+    ``torch.load(..., weights_only=True)``. The file is written atomically: to a
+    temporary file in the same folder, flushed to disk, then renamed onto ``path``,
+    so a failure part-way (an exception, a full disk, an interrupt) leaves a previous
+    checkpoint at ``path`` intact.
 
     Args:
         model: The (converted) model.
@@ -122,9 +127,39 @@ def save_factorized(model: nn.Module, path: PathLike) -> None:
     plan = json.dumps(factorization_plan(model))
     if os.fspath(path).endswith(_SAFETENSORS_SUFFIX):
         safetensors_torch = _safetensors()
-        safetensors_torch.save_model(model, os.fspath(path), metadata={_PLAN_KEY: plan})
+        _atomic_write(
+            path, lambda tmp: safetensors_torch.save_model(model, tmp, metadata={_PLAN_KEY: plan})
+        )
     else:
-        torch.save({"plan": plan, "state_dict": model.state_dict()}, path)
+        state = {"plan": plan, "state_dict": model.state_dict()}
+        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """``write(temporary path)`` next to ``path``, fsync, then ``os.replace`` onto ``path``.
+
+    A crash, a full disk or an exception part-way leaves any previous file at ``path``
+    as it was (and no temporary file behind, except after a hard crash).
+    """
+    target = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(target)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.")
+    os.close(handle)
+    try:
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def load_factorized(
@@ -159,8 +194,10 @@ def load_factorized(
         ``model``, converted and loaded.
 
     Raises:
-        ValueError: Not a factorized-layers checkpoint, a malformed or mismatched
-            plan, or weights that do not fit.
+        ValueError: Not a factorized-layers checkpoint (a truncated or corrupted file
+            included; the message names it), a malformed or mismatched plan, or
+            weights that do not fit.
+        OSError: The file is missing or cannot be opened.
         TypeError: A plan naming an unregistered class, or bad arguments.
     """
     if not isinstance(model, nn.Module):
@@ -208,12 +245,15 @@ def _read(
 ) -> Tuple[Dict[str, Any], Dict[str, Tuple[int, ...]], Dict[str, torch.Tensor] | None]:
     """(plan, {key: shape}, state_dict or None for safetensors)."""
     if os.fspath(path).endswith(_SAFETENSORS_SUFFIX):
-        with _safetensors().safe_open(os.fspath(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(_PLAN_KEY)
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        safetensors_torch = _safetensors()
+        with _unreadable_as_value_error(path):
+            with safetensors_torch.safe_open(os.fspath(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get(_PLAN_KEY)
+                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
         state_dict = None
     else:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with _unreadable_as_value_error(path):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or not {"plan", "state_dict"} <= set(payload):
             raise ValueError(
                 f"{os.fspath(path)!r} is not a save_factorized checkpoint "
@@ -243,6 +283,22 @@ def _read(
         raise ValueError(f"{os.fspath(path)!r}: the plan is not valid JSON ({error})") from None
     _check_plan(plan)
     return plan, shapes, state_dict
+
+
+@contextlib.contextmanager
+def _unreadable_as_value_error(path: PathLike) -> Iterator[None]:
+    """A file that cannot be parsed (truncated, corrupted, not a checkpoint) becomes a
+    ``ValueError`` naming it (torch reports a truncated archive as ``OSError(EINVAL)``);
+    a missing or forbidden file keeps its ``OSError``."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - the readers raise many types for bad bytes
+        raise ValueError(
+            f"{os.fspath(path)!r} cannot be read as a checkpoint (truncated or corrupted?): "
+            f"{type(error).__name__}: {str(error)[:200]}"
+        ) from error
 
 
 def _check_plan(plan: Any) -> None:
