@@ -22,13 +22,13 @@ import json
 import os
 import tempfile
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .convert.ties import tied_groups
-from .convert.walk import _parents, _swap
+from .convert.walk import _parents, _swap_all, _unswap
 from .quantize import QUANTIZATION_MODES, apply_quantization, quantization_of
 from .registry import registered_layers
 from .sources import source_for
@@ -206,19 +206,16 @@ def load_factorized(
     replacements = _build_replacements(model, plan)
     _check_weights(model, replacements, shapes, strict)
     parents = _parents(model)
-    swapped: List[Tuple[nn.Module, nn.Module, list]] = []
+    pairs = list(replacements.values())
+    _swap_all(pairs, parents)
     try:
-        for old, new in replacements.values():
-            where = parents.get(id(old), [])
-            _swap(old, new, where)
-            swapped.append((old, new, where))
         if state_dict is None:
             missing, unexpected = _safetensors().load_model(model, os.fspath(path), strict=strict)
         else:
             missing, unexpected = model.load_state_dict(state_dict, strict=strict)
-    except Exception:
-        for old, new, where in reversed(swapped):
-            _swap(new, old, where)
+    except BaseException:
+        for old, new in reversed(pairs):
+            _unswap(old, new, parents.get(id(old), []))
         raise
     if missing or unexpected:
         warnings.warn(

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .convert.walk import _parents, _swap
+from .convert.walk import _parents, _swap_all
 from .functional.int8 import dequantize_rows, quantize_rows
 from .registry import registered_layers
 
@@ -268,14 +268,14 @@ def quantize_(
             "int8 replacement, or quantize_ its parent"
         )
 
-    parents = _parents(model)
     rows: List[QuantizedLayer] = []
+    swaps: List[Tuple[nn.Module, nn.Module]] = []
     for name, module in targets:
         before = _bytes(module)
         family = type(module).__name__
         replacement = module.dynamic_int8() if mode == "int8_dynamic" else None
         if replacement is not None:
-            _swap(module, replacement, parents[id(module)])
+            swaps.append((module, replacement))
             rows.append(QuantizedLayer(name, family, mode, before, _bytes(replacement)))
             continue
         apply_quantization(module, "int8_weight")
@@ -285,4 +285,5 @@ def quantize_(
             else ""
         )
         rows.append(QuantizedLayer(name, family, "int8_weight", before, _bytes(module), reason))
+    _swap_all(swaps, _parents(model))
     return QuantizationReport(mode, tuple(rows), tuple(skipped))

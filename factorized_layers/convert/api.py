@@ -44,7 +44,9 @@ from .walk import (
     _progress,
     _read_by_parent,
     _swap,
+    _swap_all,
     _target_class,
+    _unswap,
 )
 
 __all__ = ["factorize_", "unfactorize_", "truncate_"]
@@ -391,9 +393,7 @@ def _convert_in_one_pass(
         row.params_after = params
         swaps.append((module, layer))
     rows = [row for *_, row in plans]
-    parents = _parents(model)
-    for module, layer in swaps:
-        _swap(module, layer, parents.get(id(module), []))
+    _swap_all(swaps, _parents(model))
     return FactorizationReport(rows)
 
 
@@ -464,7 +464,7 @@ def _convert_sequentially(
     except BaseException:
         parents = _parents(model)
         for old, new in reversed(swapped):
-            _swap(new, old, parents.get(id(new), []))
+            _unswap(old, new, parents.get(id(new), []))
         raise
     finally:
         for module, training in modes.items():
@@ -516,8 +516,7 @@ def unfactorize_(model: nn.Module) -> nn.Module:
         # Weight-tied layers stay tied: the follower reads the owner's dense weight.
         if dense[follower].weight.shape == dense[owner].weight.shape:
             dense[follower].weight = dense[owner].weight
-    for fqn, module in factorized:
-        _swap(module, dense[fqn], parents.get(id(module), []))
+    _swap_all([(module, dense[fqn]) for fqn, module in factorized], parents)
     return model
 
 
@@ -641,6 +640,7 @@ def truncate_(
     parents = _parents(model)
     new_of = {fqn: new for fqn, _, _, _, new in planned}
     rows = []
+    swaps: List[Tuple[nn.Module, nn.Module]] = []
     for fqn, layer, layer_cls, spec, new in planned:
         with torch.no_grad():
             before = layer.dense_weight()
@@ -662,8 +662,9 @@ def truncate_(
             row.skipped = f"already at or below rank {spec!r}"
         else:
             row.weight_error = _relative_change(before, new)
-            _swap(layer, new, parents.get(id(layer), []))
+            swaps.append((layer, new))
         rows.append(row)
+    _swap_all(swaps, parents)
     return FactorizationReport(rows + [row for row in tied_rows if row is not None])
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..registry import registered_layers
-from ..sources import attach_prelude, source_for
+from ..sources import _run_prelude, attach_prelude, source_for
 
 _HOOK_DICTS = (
     "_forward_pre_hooks",
@@ -141,6 +141,45 @@ def _swap(old: nn.Module, new: nn.Module, parents: List[Tuple[nn.Module, str]]) 
     attach_prelude(new, prelude)
     for parent, attr in parents:
         setattr(parent, attr, new)
+
+
+def _unswap(old: nn.Module, new: nn.Module, parents: List[Tuple[nn.Module, str]]) -> None:
+    """Undo ``_swap(old, new, parents)``: ``old`` back in every parent, with the hooks.
+
+    The hook dicts were moved, not copied, so hooks registered since are kept; the
+    prelude hook a swap may have added is dropped again where ``old`` has no prelude
+    of its own (a subclass that pads inside its ``forward`` must not pad twice).
+    """
+    for attr in _HOOK_DICTS:
+        if attr in new.__dict__:
+            setattr(old, attr, getattr(new, attr))
+    old._is_full_backward_hook = new._is_full_backward_hook
+    if "input_prelude" not in old._modules:
+        hooks = old._forward_pre_hooks
+        for key in [key for key, hook in hooks.items() if hook is _run_prelude]:
+            del hooks[key]
+    for parent, attr in parents:
+        setattr(parent, attr, old)
+
+
+def _swap_all(
+    pairs: Sequence[Tuple[nn.Module, nn.Module]], parents: Mapping[int, List[Tuple[nn.Module, str]]]
+) -> None:
+    """``_swap`` every ``(old, new)`` pair, all or nothing.
+
+    If anything raises part-way (``KeyboardInterrupt`` included), the swaps already
+    made are undone before the exception propagates, so the model is as it was.
+    """
+    done: List[Tuple[nn.Module, nn.Module, List[Tuple[nn.Module, str]]]] = []
+    try:
+        for old, new in pairs:
+            where = parents.get(id(old), [])
+            _swap(old, new, where)
+            done.append((old, new, where))
+    except BaseException:
+        for old, new, where in reversed(done):
+            _unswap(old, new, where)
+        raise
 
 
 def _collect_targets(
