@@ -125,3 +125,40 @@ def test_undoing_a_swap_of_a_static_padding_subclass_does_not_pad_twice(monkeypa
         factorize_(model, rank=0.5, progress=False)
     _assert_unchanged(model, before)
     assert torch.equal(model(x), expected)
+
+
+class _FailsOnBatch(nn.Module):
+    """Raises ``error`` on the ``fail_at``-th forward call."""
+
+    def __init__(self, fail_at: int, error: BaseException):
+        super().__init__()
+        self.fail_at, self.error, self.calls = fail_at, error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.error
+        return x
+
+
+@pytest.mark.parametrize("sensitivity", [False, True])
+@pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=type)
+def test_a_fault_in_any_calibration_batch_leaves_no_hook_and_no_change(sensitivity, error):
+    from factorized_layers import calibrate
+
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    for fail_at in range(1, len(batches) + 1):
+        model = _model()
+        model.insert(4, _FailsOnBatch(fail_at, error))
+        before = _snapshot(model)
+        # A model error is reported as the batch that failed; an interrupt stays one.
+        if isinstance(error, KeyboardInterrupt):
+            raised = pytest.raises(KeyboardInterrupt)
+        else:
+            raised = pytest.raises(
+                ValueError, match=f"calibration batch {fail_at - 1} failed in the model: injected"
+            )
+        with raised:
+            calibrate(model, batches, sensitivity=sensitivity)
+        _assert_unchanged(model, before)
+        assert all(p.grad is None for p in model.parameters())
