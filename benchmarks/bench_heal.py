@@ -84,7 +84,14 @@ def measure_minilm(
     fractions: Sequence[float], seconds: float, points: int, sentences: Tuple[int, int]
 ) -> List[dict]:
     """MiniLM: convert at each budget, heal a copy per mode, record the curves."""
-    from .minilm import SENTENCES, calibration_sentences, embed, load_minilm, tokenize
+    from .minilm import (
+        ENCODER_LINEARS,
+        SENTENCES,
+        calibration_sentences,
+        embed,
+        load_minilm,
+        tokenize,
+    )
 
     recipe = MINILM_RECIPE
     calibrated, trained = sentences
@@ -108,7 +115,7 @@ def measure_minilm(
         return float(sims[0].mean()), float(torch.cat(sims[1:]).mean())
 
     return _convert_and_heal(
-        "MiniLM", model, fractions, r"re:encoder\.layer\.\d+\..*", batches(calibration, 32),
+        "MiniLM", model, fractions, ENCODER_LINEARS, batches(calibration, 32),
         batches(train, recipe["batch"]), seconds, recipe["lr"], cosines, points,
     )  # fmt: skip
 

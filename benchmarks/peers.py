@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from types import ModuleType
-from typing import Tuple
+from typing import Sequence, Tuple
 
 
 def optional_module(name: str) -> Tuple[ModuleType | None, str]:
@@ -20,6 +20,15 @@ def optional_module(name: str) -> Tuple[ModuleType | None, str]:
             return importlib.import_module(name), ""
     except Exception as error:  # noqa: BLE001 - every failure is reported, none is fatal
         return None, f"{name} unavailable ({type(error).__name__}: {error})"
+
+
+def missing_reason(names: Sequence[str]) -> str:
+    """Why the first of ``names`` that does not import is unavailable (``""``: all import)."""
+    for name in names:
+        module, why = optional_module(name)
+        if module is None:
+            return why
+    return ""
 
 
 def version(module: ModuleType) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .convert.ties import tied_groups
-from .convert.walk import _parents, _swap_all, _unswap
+from .convert.walk import _parents, _swapping
 from .quantize import QUANTIZATION_MODES, apply_quantization, quantization_of
 from .registry import registered_layers
 from .sources import source_for
@@ -205,18 +205,13 @@ def load_factorized(
     plan, shapes, state_dict = _read(path, map_location)
     replacements = _build_replacements(model, plan)
     _check_weights(model, replacements, shapes, strict)
-    parents = _parents(model)
-    pairs = list(replacements.values())
-    _swap_all(pairs, parents)
-    try:
+    with _swapping(_parents(model)) as swap:
+        for old, new in replacements.values():
+            swap(old, new)
         if state_dict is None:
             missing, unexpected = _safetensors().load_model(model, os.fspath(path), strict=strict)
         else:
             missing, unexpected = model.load_state_dict(state_dict, strict=strict)
-    except BaseException:
-        for old, new in reversed(pairs):
-            _unswap(old, new, parents.get(id(old), []))
-        raise
     if missing or unexpected:
         warnings.warn(
             f"load_factorized(strict=False): missing keys {list(missing)[:10]} keep their "

@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -109,6 +109,26 @@ def _traceable(args, kwargs, dynamic_dims: Mapping[int, str]) -> Inputs:
     return _resized(args, dynamic_dims, grow), _resized(kwargs, dynamic_dims, grow)
 
 
+class _Trace(NamedTuple):
+    """The example as given, and as traced (size-1 dynamic dims grown to 2)."""
+
+    dims: Dict[int, str]
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    traced_args: Tuple[Any, ...]
+    traced_kwargs: Dict[str, Any]
+    shapes: Dict[str, Any] | None
+
+
+def _trace_inputs(model: nn.Module, example_inputs: Any, dynamic_dims) -> _Trace:
+    """Checked dims (default ``{0: "batch"}``), the split example and its tracing form."""
+    dims = _check_dynamic_dims({0: "batch"} if dynamic_dims is None else dynamic_dims)
+    args, kwargs = _split_inputs(example_inputs)
+    traced_args, traced_kwargs = _traceable(args, kwargs, dims)
+    shapes = _dynamic_shapes(traced_args, traced_kwargs, dims, model.forward) if dims else None
+    return _Trace(dims, args, kwargs, traced_args, traced_kwargs, shapes)
+
+
 def export_program(
     model: nn.Module,
     example_inputs: Any,
@@ -147,11 +167,10 @@ def export_program(
         >>> program.module()(torch.randn(5, 16)).shape
         torch.Size([5, 8])
     """
-    dynamic_dims = _check_dynamic_dims({0: "batch"} if dynamic_dims is None else dynamic_dims)
-    args, kwargs = _split_inputs(example_inputs)
-    args, kwargs = _traceable(args, kwargs, dynamic_dims)
-    shapes = _dynamic_shapes(args, kwargs, dynamic_dims, model.forward) if dynamic_dims else None
-    return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
+    trace = _trace_inputs(model, example_inputs, dynamic_dims)
+    return torch.export.export(
+        model, trace.traced_args, trace.traced_kwargs, dynamic_shapes=trace.shapes, strict=strict
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,25 +337,19 @@ def export_onnx(
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in check_sizes):
         raise ValueError(f"check_sizes must be integers >= 1, got {tuple(check_sizes)!r}")
     onnx, onnxruntime = _onnx_modules()
-    dynamic_dims = _check_dynamic_dims({0: "batch"} if dynamic_dims is None else dynamic_dims)
-    args, kwargs = _split_inputs(example_inputs)
-    traced_args, traced_kwargs = _traceable(args, kwargs, dynamic_dims)
-    shapes = (
-        _dynamic_shapes(traced_args, traced_kwargs, dynamic_dims, model.forward)
-        if dynamic_dims
-        else None
-    )
+    trace = _trace_inputs(model, example_inputs, dynamic_dims)
+    dynamic_dims, args, kwargs = trace.dims, trace.args, trace.kwargs
     path = os.fspath(path)
     # Folding constants would turn weight-only int8 factors (int8 * scale) back into
     # float32 initializers; ONNX Runtime folds them in memory instead, the file stays int8.
     int8_parameters = any(p.dtype == torch.int8 for p in model.parameters())
     torch.onnx.export(
         model,
-        traced_args,
+        trace.traced_args,
         path,
-        kwargs=traced_kwargs,
+        kwargs=trace.traced_kwargs,
         dynamo=True,
-        dynamic_shapes=shapes,
+        dynamic_shapes=trace.shapes,
         opset_version=opset_version,
         external_data=False,
         optimize=not int8_parameters,

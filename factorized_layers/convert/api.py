@@ -43,10 +43,9 @@ from .walk import (
     _parents,
     _progress,
     _read_by_parent,
-    _swap,
     _swap_all,
+    _swapping,
     _target_class,
-    _unswap,
 )
 
 __all__ = ["factorize_", "unfactorize_", "truncate_"]
@@ -425,12 +424,6 @@ def _convert_sequentially(
     Layers are swapped in as they are fitted; on any error every swap is undone, so
     the model is left as it was.
     """
-    parents = _parents(model)
-    swapped: List[Tuple[nn.Module, nn.Module]] = []
-
-    def swap(old: nn.Module, new: nn.Module) -> None:
-        _swap(old, new, parents.get(id(old), []))
-        swapped.append((old, new))
 
     def builder(fqn, module, layer_cls, spec, layer_options, row):
         options = {k: v for k, v in layer_options.items() if k != "calibration"}
@@ -460,12 +453,8 @@ def _convert_sequentially(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        final_error = sequential_convert(model, batches, targets, config, swap)
-    except BaseException:
-        parents = _parents(model)
-        for old, new in reversed(swapped):
-            _unswap(old, new, parents.get(id(new), []))
-        raise
+        with _swapping(_parents(model)) as swap:
+            final_error = sequential_convert(model, batches, targets, config, swap)
     finally:
         for module, training in modes.items():
             module.training = training

@@ -277,6 +277,8 @@ def _speedup(
     return dense / factorized
 
 
+# Every family's profile and fit of a layer whiten with the same Gram: one eigh each.
+@whitening_cache()
 def choose_families(
     targets: List[Tuple[str, nn.Module, type]],
     rank: Any,
@@ -308,23 +310,6 @@ def choose_families(
     Returns:
         ``{fqn: Choice}``.
     """
-    # Every family's profile and fit of a layer whiten with the same Gram: one eigh each.
-    with whitening_cache():
-        return _choose(targets, rank, options, layer_options, stats, sensitivities, shapes,
-                       allow_slower)  # fmt: skip
-
-
-def _choose(
-    targets: List[Tuple[str, nn.Module, type]],
-    rank: Any,
-    options: Mapping[str, Any],
-    layer_options: Mapping[type, Mapping[str, Any]] | None,
-    stats: Mapping[str, InputStats],
-    sensitivities: List[float] | None,
-    shapes: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
-    allow_slower: bool,
-) -> Dict[str, Choice]:
-    """:func:`choose_families` inside one whitening cache."""
     weighted = sensitivities is not None
     hedge = isinstance(rank, Budget) and not weighted
     choices: Dict[str, Choice] = {}

@@ -6,6 +6,7 @@ module under every parent that holds it (shared modules stay shared).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import sys
@@ -162,24 +163,35 @@ def _unswap(old: nn.Module, new: nn.Module, parents: List[Tuple[nn.Module, str]]
         setattr(parent, attr, old)
 
 
-def _swap_all(
-    pairs: Sequence[Tuple[nn.Module, nn.Module]], parents: Mapping[int, List[Tuple[nn.Module, str]]]
-) -> None:
-    """``_swap`` every ``(old, new)`` pair, all or nothing.
-
-    If anything raises part-way (``KeyboardInterrupt`` included), the swaps already
-    made are undone before the exception propagates, so the model is as it was.
-    """
+@contextlib.contextmanager
+def _swapping(
+    parents: Mapping[int, List[Tuple[nn.Module, str]]],
+) -> Iterator[Callable[[nn.Module, nn.Module], None]]:
+    """All or nothing: yields ``swap(old, new)``; on any exception in the block
+    (``KeyboardInterrupt`` included) every swap made through it is undone, last first,
+    before the exception propagates, so the model is as it was."""
     done: List[Tuple[nn.Module, nn.Module, List[Tuple[nn.Module, str]]]] = []
+
+    def swap(old: nn.Module, new: nn.Module) -> None:
+        where = parents.get(id(old), [])
+        _swap(old, new, where)
+        done.append((old, new, where))
+
     try:
-        for old, new in pairs:
-            where = parents.get(id(old), [])
-            _swap(old, new, where)
-            done.append((old, new, where))
+        yield swap
     except BaseException:
         for old, new, where in reversed(done):
             _unswap(old, new, where)
         raise
+
+
+def _swap_all(
+    pairs: Sequence[Tuple[nn.Module, nn.Module]], parents: Mapping[int, List[Tuple[nn.Module, str]]]
+) -> None:
+    """``_swap`` every ``(old, new)`` pair, all or nothing (see :func:`_swapping`)."""
+    with _swapping(parents) as swap:
+        for old, new in pairs:
+            swap(old, new)
 
 
 def _collect_targets(
