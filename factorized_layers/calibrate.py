@@ -318,8 +318,24 @@ def calibrate(
     if batches == 0:
         raise ValueError("calibration data is empty: give at least one batch")
     all_reduce_stats(stats)
+    _check_finite(stats, watched, batches)
     _share_equal_grams(stats)
     return {name: entry for name, entry in stats.items() if entry.rows or distributed()}
+
+
+def _check_finite(stats: Dict[str, InputStats], layers: Dict[str, nn.Module], batches: int) -> None:
+    """NaN or Inf in a layer's inputs would become NaN factors: refuse, naming the layers.
+
+    Checked once on the accumulated Gram matrices (any non-finite input makes its
+    layer's Gram non-finite), so a clean run costs one small reduction per layer.
+    """
+    bad = [name for name, entry in stats.items() if not bool(torch.isfinite(entry.gram).all())]
+    if bad:
+        described = ", ".join(f"{name!r} ({type(layers[name]).__name__})" for name in bad[:10])
+        raise ValueError(
+            f"calibration inputs of {len(bad)} layer(s) contain NaN or Inf over {batches} "
+            f"batch(es): {described}; clean the data, or exclude those layers with filter_fn"
+        )
 
 
 def _share_equal_grams(stats: Dict[str, InputStats]) -> None:

@@ -6,6 +6,8 @@ every parameter and buffer (bitwise) with its ``requires_grad``, every hook, and
 ``training`` flag.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -18,6 +20,8 @@ from factorized_layers import (
     truncate_,
     unfactorize_,
 )
+
+from .snapshot import snapshot, unchanged
 
 
 def _hook(module, args):
@@ -34,28 +38,6 @@ def _model(seed: int = 0) -> nn.Sequential:
     model[5].weight.requires_grad_(False)
     model[6].eval()
     return model
-
-
-def _snapshot(model: nn.Module):
-    modules = []
-    for name, module in model.named_modules():
-        hooks = tuple(
-            (attr, tuple(getattr(module, attr).values()))
-            for attr in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks")
-        )
-        modules.append((name, type(module), module.training, hooks))
-    tensors = [
-        (name, t.detach().clone(), t.requires_grad)
-        for name, t in list(model.named_parameters()) + list(model.named_buffers())
-    ]
-    return modules, tensors
-
-
-def _assert_unchanged(model, before):
-    modules, tensors = _snapshot(model)
-    assert modules == before[0]
-    assert [(n, g) for n, _, g in tensors] == [(n, g) for n, _, g in before[1]]
-    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(tensors, before[1]))
 
 
 def _failing_swap(monkeypatch, fail_at: int, error: BaseException):
@@ -102,11 +84,11 @@ def test_a_fault_at_every_swap_leaves_the_model_as_it_was(operation, error, tmp_
     assert swaps >= 3
     for fail_at in range(1, swaps + 1):
         model = fresh()
-        before = _snapshot(model)
+        before = snapshot(model)
         _failing_swap(monkeypatch, fail_at, error)
         with pytest.raises(type(error)):
             OPERATIONS[operation](model, path)
-        _assert_unchanged(model, before)
+        assert unchanged(model, before)
         x = torch.randn(2, 3, 6, 6)
         model(x)  # still runs, with its original modules
 
@@ -119,11 +101,11 @@ def test_undoing_a_swap_of_a_static_padding_subclass_does_not_pad_twice(monkeypa
                           StaticSameConv(8, 8, 3), nn.ReLU())  # fmt: skip
     x = torch.randn(2, 3, 9, 9)
     expected = model(x)
-    before = _snapshot(model)
+    before = snapshot(model)
     _failing_swap(monkeypatch, 2, RuntimeError("injected"))
     with pytest.raises(RuntimeError, match="injected"):
         factorize_(model, rank=0.5, progress=False)
-    _assert_unchanged(model, before)
+    assert unchanged(model, before)
     assert torch.equal(model(x), expected)
 
 
@@ -150,7 +132,7 @@ def test_a_fault_in_any_calibration_batch_leaves_no_hook_and_no_change(sensitivi
     for fail_at in range(1, len(batches) + 1):
         model = _model()
         model.insert(4, _FailsOnBatch(fail_at, error))
-        before = _snapshot(model)
+        before = snapshot(model)
         # A model error is reported as the batch that failed; an interrupt stays one.
         if isinstance(error, KeyboardInterrupt):
             raised = pytest.raises(KeyboardInterrupt)
@@ -160,5 +142,130 @@ def test_a_fault_in_any_calibration_batch_leaves_no_hook_and_no_change(sensitivi
             )
         with raised:
             calibrate(model, batches, sensitivity=sensitivity)
-        _assert_unchanged(model, before)
+        assert unchanged(model, before)
         assert all(p.grad is None for p in model.parameters())
+
+
+def _failing_fits(monkeypatch, fail_at: int, error: BaseException):
+    """Every registered family's ``fit_factors`` counts its calls; the k-th raises."""
+    from factorized_layers import registered_layers
+
+    calls = {"n": 0}
+    for cls in registered_layers():
+        fit = cls.fit_factors.__func__
+
+        def failing(klass, *args, _fit=fit, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise error
+            return _fit(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "fit_factors", classmethod(failing))
+    return calls
+
+
+def _calibration_batches():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 3, 6, 6, generator=generator) for _ in range(2)]
+
+
+CONVERSIONS = {
+    "plain": lambda model: factorize_(model, rank=0.5, progress=False),
+    "auto": lambda model: factorize_(model, rank=0.5, layers="auto", progress=False),
+    "calibrated": lambda model: factorize_(
+        model, rank=0.5, calibration=_calibration_batches(), progress=False
+    ),
+    "sequential": lambda model: factorize_(
+        model, rank=0.5, calibration=_calibration_batches(), sequential=True, progress=False
+    ),
+}
+
+
+@pytest.mark.parametrize("conversion", list(CONVERSIONS))
+@pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=type)
+def test_a_fault_in_any_decomposition_leaves_the_model_as_it_was(conversion, error,
+                                                                   monkeypatch):  # fmt: skip
+    calls = _failing_fits(monkeypatch, 0, error)
+    CONVERSIONS[conversion](_model())
+    fits = calls["n"]
+    assert fits >= 3
+    for fail_at in range(1, fits + 1):
+        model = _model()
+        before = snapshot(model)
+        _failing_fits(monkeypatch, fail_at, error)
+        with pytest.raises(type(error)):
+            CONVERSIONS[conversion](model)
+        assert unchanged(model, before), f"fault at decomposition {fail_at} of {fits}"
+
+
+@pytest.mark.parametrize("linalg", ["svd", "eigh", "cholesky_ex", "svdvals"])
+def test_a_linear_algebra_failure_inside_a_decomposition_leaves_the_model_as_it_was(
+    linalg, monkeypatch
+):
+    real = getattr(torch.linalg, linalg)
+    calls = {"n": 0, "fail_at": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise torch.linalg.LinAlgError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, linalg, failing)
+    tried = 0
+    for name, conversion in CONVERSIONS.items():
+        calls.update(n=0, fail_at=0)
+        conversion(_model())
+        total = calls["n"]
+        for fail_at in sorted({1, (total + 1) // 2, total}) if total else []:
+            calls.update(n=0, fail_at=fail_at)
+            model = _model()
+            before = snapshot(model)
+            with pytest.raises(torch.linalg.LinAlgError, match="injected"):
+                conversion(model)
+            assert unchanged(model, before), f"{name}: {linalg} failing at {fail_at} of {total}"
+            tried += 1
+    assert tried >= 1
+
+
+@pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=type)
+def test_a_fault_in_any_calibration_hook_leaves_no_hook_and_no_change(error, monkeypatch):
+    # The package exports the function ``calibrate``, which shadows the module's name.
+    calibration = importlib.import_module("factorized_layers.calibrate")
+
+    real = calibration.gram_of
+    calls = {"n": 0, "fail_at": 0}
+
+    def failing(inputs):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise error
+        return real(inputs)
+
+    monkeypatch.setattr(calibration, "gram_of", failing)
+    calibration.calibrate(_model(), _calibration_batches())
+    total = calls["n"]
+    assert total >= 6
+    for fail_at in range(1, total + 1):
+        calls.update(n=0, fail_at=fail_at)
+        model = _model()
+        before = snapshot(model)
+        with pytest.raises((type(error), ValueError)):
+            calibration.calibrate(model, _calibration_batches())
+        assert unchanged(model, before), f"fault in calibration hook call {fail_at} of {total}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("sequential", [False, True])
+def test_non_finite_calibration_inputs_are_refused_naming_the_layer(bad, sequential):
+    from factorized_layers import calibrate
+
+    batches = _calibration_batches()
+    batches[1][3, 0, 2, 2] = bad
+    model = _model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"NaN or Inf .*'0' \(Conv2d\)"):
+        calibrate(model, batches)
+    with pytest.raises(ValueError, match=r"NaN.*'?0'? \(Conv2d\)|0 \(Conv2d\).*NaN"):
+        factorize_(model, rank=0.5, calibration=batches, sequential=sequential, progress=False)
+    assert unchanged(model, before)
