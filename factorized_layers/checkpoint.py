@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -39,6 +40,8 @@ FORMAT = "factorized_layers.plan"
 VERSION = 1
 _PLAN_KEY = "factorized_layers.plan"
 _SAFETENSORS_SUFFIX = ".safetensors"
+# A plan entry takes ~300 characters; this admits ~30,000 layers and refuses abuse.
+_MAX_PLAN_CHARACTERS = 10_000_000
 
 PathLike = Union[str, os.PathLike]
 
@@ -202,9 +205,10 @@ def load_factorized(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_factorized expects an nn.Module, got {type(model).__name__}")
-    plan, shapes, state_dict = _read(path, map_location)
-    replacements = _build_replacements(model, plan)
-    _check_weights(model, replacements, shapes, strict)
+    with _bounded_messages():
+        plan, shapes, state_dict = _read(path, map_location)
+        replacements = _build_replacements(model, plan, shapes)
+        _check_weights(model, replacements, shapes, strict)
     with _swapping(_parents(model)) as swap:
         for old, new in replacements.values():
             swap(old, new)
@@ -242,6 +246,8 @@ def _read(
             with safetensors_torch.safe_open(os.fspath(path), framework="pt") as handle:
                 raw = (handle.metadata() or {}).get(_PLAN_KEY)
                 shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+                for key in handle.keys():  # one tensor in memory at a time
+                    _check_finite(path, key, handle.get_tensor(key))
         state_dict = None
     else:
         with _unreadable_as_value_error(path):
@@ -266,15 +272,61 @@ def _read(
                     f"with values, got {type(value).__name__}"
                     + (f" on {value.device}" if isinstance(value, torch.Tensor) else "")
                 )
+            held = value.untyped_storage().nbytes() // max(value.element_size(), 1)
+            if value.numel() > held:
+                raise ValueError(
+                    f"{os.fspath(path)!r}: state_dict entry {_short(key)} claims shape "
+                    f"{tuple(value.shape)} ({value.numel()} elements) but its storage holds "
+                    f"{held}; checkpoints hold no expanded or overlapping tensors"
+                )
+            _check_finite(path, key, value)
         shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
     if not isinstance(raw, str):
         raise ValueError(f"{os.fspath(path)!r} holds no factorization plan")
+    if len(raw) > _MAX_PLAN_CHARACTERS:
+        raise ValueError(
+            f"{os.fspath(path)!r}: the plan has {len(raw)} characters, more than a plan "
+            f"of any model holds ({_MAX_PLAN_CHARACTERS})"
+        )
     try:
-        plan = json.loads(raw)
+        plan = json.loads(raw, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
         raise ValueError(f"{os.fspath(path)!r}: the plan is not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{os.fspath(path)!r}: the plan is nested too deeply") from None
     _check_plan(plan)
     return plan, shapes, state_dict
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"the plan holds the non-finite number {name}; plans hold only finite values")
+
+
+def _check_finite(path: PathLike, key: str, value: torch.Tensor) -> None:
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"{os.fspath(path)!r}: saved tensor {_short(key)} holds NaN or Inf values; a "
+            "checkpoint of a trained model never does (refusing to load it)"
+        )
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: error messages quote hostile plans."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+@contextlib.contextmanager
+def _bounded_messages(limit: int = 1000) -> Iterator[None]:
+    """A ``ValueError``/``TypeError`` raised while checking a checkpoint keeps its type but
+    not an unbounded message (constructors quote the values a hostile plan gives them)."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        if len(message) <= limit:
+            raise
+        raise type(error)(f"{message[:limit]}... ({len(message)} characters)") from None
 
 
 @contextlib.contextmanager
@@ -298,7 +350,8 @@ def _check_plan(plan: Any) -> None:
         raise ValueError(f"not a factorization plan (format must be {FORMAT!r})")
     if plan.get("version") != VERSION:
         raise ValueError(
-            f"plan version {plan.get('version')!r} is not supported (this library reads {VERSION})"
+            f"plan version {_short(plan.get('version'))} is not supported "
+            f"(this library reads {VERSION})"
         )
     entries = plan.get("layers")
     if not isinstance(entries, list):
@@ -313,22 +366,28 @@ def _check_plan(plan: Any) -> None:
         ):
             raise ValueError(
                 f"plan entry {i} must be a dict with str 'name', str 'class' and dict "
-                f"'config', got {entry!r}"
+                f"'config', got {_short(entry)}"
             )
         if entry.get("quantization", None) not in (None, *QUANTIZATION_MODES):
             raise ValueError(
-                f"plan entry {entry['name']!r}: quantization must be one of "
-                f"{QUANTIZATION_MODES}, got {entry['quantization']!r}"
+                f"plan entry {_short(entry['name'])}: quantization must be one of "
+                f"{QUANTIZATION_MODES}, got {_short(entry['quantization'])}"
             )
         if entry["name"] in names:
-            raise ValueError(f"plan names layer {entry['name']!r} twice")
+            raise ValueError(f"plan names layer {_short(entry['name'])} twice")
         names.add(entry["name"])
 
 
 def _build_replacements(
-    model: nn.Module, plan: Dict[str, Any]
+    model: nn.Module, plan: Dict[str, Any], saved: Mapping[str, Tuple[int, ...]]
 ) -> Dict[str, Tuple[nn.Module, nn.Module]]:
-    """name -> (dense module, factorized layer built from the plan), all checked first."""
+    """name -> (dense module, factorized layer built from the plan), all checked first.
+
+    Layers are built on the meta device first; real memory is allocated only once the
+    plan's layers together hold no more elements than the file and the dense layers
+    they replace, so a plan claiming huge ranks is refused before anything
+    proportional to its claim is allocated.
+    """
     sources = registered_layers()
     by_name: Dict[str, type] = {}
     for cls in sources:
@@ -341,6 +400,7 @@ def _build_replacements(
         by_name[cls.__name__] = cls
     modules = dict(model.named_modules())
     checked: Dict[str, Tuple[nn.Module, type, Dict[str, Any]]] = {}
+    claimed: Dict[str, int] = {}
     quantized: Dict[str, str] = {}
     for entry in plan["layers"]:
         name, class_name, config = entry["name"], entry["class"], entry["config"]
@@ -349,34 +409,46 @@ def _build_replacements(
         cls = by_name.get(class_name)
         if cls is None:
             raise TypeError(
-                f"plan entry {name!r} names class {class_name!r}, which is not a registered "
-                f"factorized layer (registered: {sorted(by_name)}); register it with "
+                f"plan entry {_short(name)} names class {_short(class_name)}, which is not a "
+                f"registered factorized layer (registered: {sorted(by_name)}); register it with "
                 "factorized_layers.register_layer before loading"
             )
         if not callable(getattr(cls, "from_config", None)):
             raise TypeError(f"{class_name} has no from_config(); it cannot be loaded from a plan")
         module = modules.get(name)
         if module is None or not name:
-            raise ValueError(f"plan entry {name!r}: the model has no such submodule")
+            raise ValueError(f"plan entry {_short(name)}: the model has no such submodule")
         if type(module) is cls:
             if module.get_config() == config:
                 continue  # already converted as planned (e.g. loading into a converted model)
             raise ValueError(
-                f"plan entry {name!r}: the model already has a {class_name} there with "
-                f"config {module.get_config()}, but the plan has {config}"
+                f"plan entry {_short(name)}: the model already has a {class_name} there with "
+                f"config {module.get_config()}, but the plan has {_short(config)}"
             )
         if not isinstance(module, sources[cls]):
             raise ValueError(
-                f"plan entry {name!r}: {class_name} replaces "
+                f"plan entry {_short(name)}: {class_name} replaces "
                 f"{[t.__name__ for t in sources[cls]]}, but the model has a "
                 f"{type(module).__name__} there"
             )
+        # On the meta device every failure is one of sizes: a RuntimeError or an
+        # OverflowError there means sizes no real layer has.
         try:
             shell = cls.from_config(config, device="meta", dtype=module.weight.dtype)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"plan entry {name!r}: bad {class_name} config: {error}") from None
-        _check_equivalent(name, module, shell)
+            _check_equivalent(name, module, shell)
+        except (TypeError, RuntimeError, OverflowError) as error:
+            raise ValueError(
+                f"plan entry {_short(name)}: bad {class_name} config: {error}"
+            ) from None
+        except ValueError as error:
+            if str(error).startswith("plan entry"):
+                raise
+            raise ValueError(
+                f"plan entry {_short(name)}: bad {class_name} config: {error}"
+            ) from None
         checked[name] = (module, cls, config)
+        claimed[name] = sum(t.numel() for t in shell.state_dict().values())
+    _check_claimed_sizes(claimed, checked, saved)
     replacements = {}
     for name, (module, cls, config) in checked.items():
         weight = module.weight
@@ -399,8 +471,8 @@ def _build_replacements(
         tied = replacements[owner][1].tie(module)
         if tied.get_config() != config:
             raise ValueError(
-                f"plan entry {follower!r}: its weight is tied to {owner!r}, whose layer shares "
-                f"factors of config {tied.get_config()}, but the plan has {config}"
+                f"plan entry {_short(follower)}: its weight is tied to {owner!r}, whose layer "
+                f"shares factors of config {tied.get_config()}, but the plan has {_short(config)}"
             )
         replacements[follower] = (module, tied.train(module.training))
     for name, mode in quantized.items():
@@ -409,8 +481,28 @@ def _build_replacements(
             try:
                 replacements[name] = (module, apply_quantization(layer, mode))
             except ValueError as error:
-                raise ValueError(f"plan entry {name!r}: {error}") from None
+                raise ValueError(f"plan entry {_short(name)}: {error}") from None
     return replacements
+
+
+def _check_claimed_sizes(
+    claimed: Mapping[str, int],
+    checked: Mapping[str, Tuple[nn.Module, type, Dict[str, Any]]],
+    saved: Mapping[str, Tuple[int, ...]],
+) -> None:
+    """The planned layers may not hold more elements than the file (see the caller)."""
+    # Slack of the dense weights replaced: a plan a little off (a missing bias, a
+    # strict=False load) gets the precise message of the weight check instead.
+    held = sum(math.prod(shape) for shape in saved.values())
+    held += sum(module.weight.numel() for module, _, _ in checked.values())
+    if sum(claimed.values()) > held:
+        largest = max(claimed, key=claimed.__getitem__)
+        raise ValueError(
+            f"the plan's layers would hold {sum(claimed.values())} elements but the "
+            f"checkpoint holds {held}; the largest, {_short(largest)} "
+            f"({checked[largest][1].__name__}), alone claims {claimed[largest]}: its ranks "
+            "do not match the saved weights"
+        )
 
 
 def _check_equivalent(name: str, module: nn.Module, shell: nn.Module) -> None:

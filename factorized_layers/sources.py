@@ -58,6 +58,17 @@ class SourceAdapter:
         """Size of an input feature vector (the side of the calibration Gram)."""
         raise NotImplementedError
 
+    def expected_input(self, module: nn.Module) -> str:
+        """The input shape a layer replacing ``module`` takes, for error messages."""
+        raise NotImplementedError
+
+    def input_fits(self, module: nn.Module, input: torch.Tensor) -> bool:
+        """Whether ``input``'s shape (and, for indices, values) fit ``module``."""
+        raise NotImplementedError
+
+    float_input: bool = True
+    """Whether inputs are floating point in the layer's dtype (not indices)."""
+
     def dense_flops(self, module: nn.Module) -> int:
         """Multiply-accumulates of the dense module per output position."""
         raise NotImplementedError
@@ -157,6 +168,12 @@ class LinearSource(SourceAdapter):
     def in_features(self, module: nn.Module) -> int:
         return module.in_features
 
+    def expected_input(self, module: nn.Module) -> str:
+        return f"(*, {module.in_features})"
+
+    def input_fits(self, module: nn.Module, input: torch.Tensor) -> bool:
+        return input.dim() >= 1 and input.shape[-1] == module.in_features
+
     def dense_flops(self, module: nn.Module) -> int:
         return module.in_features * module.out_features
 
@@ -192,6 +209,29 @@ class ConvSource(SourceAdapter):
 
     def in_features(self, module: nn.Module) -> int:
         return module.in_channels
+
+    def expected_input(self, module: nn.Module) -> str:
+        channels = module.in_channels
+        return (
+            f"(N, {channels}, *spatial) or ({channels}, *spatial) with {self.dims} spatial "
+            "dimension(s), each at least the dilated kernel after padding"
+        )
+
+    def input_fits(self, module: nn.Module, input: torch.Tensor) -> bool:
+        if input.dim() not in (self.dims + 1, self.dims + 2):
+            return False
+        if input.shape[-self.dims - 1] != module.in_channels:
+            return False
+        if module.padding == "same":
+            return True
+        # Every spatial extent, padded, must hold one dilated kernel.
+        padding = (0,) * self.dims if module.padding == "valid" else module.padding
+        for size, kernel, pad, dilation in zip(
+            input.shape[-self.dims :], module.kernel_size, padding, module.dilation
+        ):
+            if size + 2 * pad < dilation * (kernel - 1) + 1:
+                return False
+        return True
 
     def dense_flops(self, module: nn.Module) -> int:
         # One output position of every output channel.
@@ -230,8 +270,20 @@ class EmbeddingSource(SourceAdapter):
     module_type = nn.Embedding
     input_statistics = False
 
+    float_input = False
+
     def in_features(self, module: nn.Module) -> int:
         return module.num_embeddings
+
+    def expected_input(self, module: nn.Module) -> str:
+        return f"(*) of indices in [0, {module.num_embeddings})"
+
+    def input_fits(self, module: nn.Module, input: torch.Tensor) -> bool:
+        if input.dtype not in (torch.long, torch.int):
+            return False
+        return input.numel() == 0 or (
+            int(input.min()) >= 0 and int(input.max()) < module.num_embeddings
+        )
 
     def dense_flops(self, module: nn.Module) -> int:
         return 0

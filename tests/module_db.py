@@ -137,7 +137,9 @@ def _conv_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 _LINEAR_ERRORS = (
-    ErrorInput((3, 23), r"expected input of shape \(\*, 24\), got \(3, 23\)"),
+    ErrorInput((3, 23), r"expected input of shape \(\*, 24\), got shape \(3, 23\)"),
+    ErrorInput((3, 24), r"expected input of dtype torch\.float32", torch.float64, TypeError),
+    ErrorInput((3, 24), r"expected a floating-point input", torch.int64, TypeError),
     ErrorInput((24, 2), r"expected input of shape \(\*, 24\)"),
 )
 
@@ -147,6 +149,7 @@ def _conv_errors(in_channels: int, dims: int) -> Tuple[ErrorInput, ...]:
     return (
         ErrorInput((2, in_channels + 1) + spatial, rf"\(N, {in_channels}, \*spatial\)"),
         ErrorInput((2, 1, in_channels) + spatial, rf"{dims} spatial dimension"),
+        ErrorInput((2, in_channels) + spatial, "dtype torch.float32", torch.float64, TypeError),
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from factorized_layers import FactorizedLayer, registered_layers
+from factorized_layers.layers.base import input_problem
 from factorized_layers.registry import capabilities_of
 from factorized_layers.testing import assert_close_to_reference, supported_dtypes
 
@@ -60,8 +61,19 @@ def test_bad_inputs_are_refused_with_the_expected_shape(info):
     # The error inputs are written for the first case of each class.
     _, layer = _make_pair(Case(info, info.cases[0]), "cpu", torch.float32)
     for error in info.error_inputs:
-        with pytest.raises(error.error, match=error.match):
+        with pytest.raises(error.error, match=error.match) as raised:
             layer(torch.randn(error.input_shape).to(error.dtype))
+        # Like nn.Linear's errors, but naming the layer: class and configuration.
+        assert str(raised.value).startswith(f"{info.layer_cls.__name__}({layer.extra_repr()}): ")
+    # An input on another device than the layer's: what a kernel failure is diagnosed as
+    # (meta stands in for an accelerator; on CUDA machines the real thing is tried).
+    good = info.make_input(info.cases[0].input_shape, "cpu", torch.float32)
+    problem = input_problem(layer, good.to("meta"))
+    assert isinstance(problem, ValueError) and "expected an input on cpu" in str(problem)
+    assert input_problem(layer, good) is None
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="expected an input on cpu"):
+            layer(good.cuda())
 
 
 @EXACT_CASES

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import inspect
-from typing import Any, ClassVar, Dict, Mapping, Union
+from typing import Any, Callable, ClassVar, Dict, Mapping, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,15 @@ from ..ranks import POLICY_TYPES, RankProfile, select_rank
 from ..registry import Capabilities
 from ..sources import SourceAdapter, attach_prelude, copied_parameter
 
-__all__ = ["FactorizedLayer", "Fit", "Calibration", "gram_of", "fast_parameter"]
+__all__ = [
+    "FactorizedLayer",
+    "Fit",
+    "Calibration",
+    "gram_of",
+    "fast_parameter",
+    "names_bad_input",
+    "input_problem",
+]
 
 _MISSING = object()
 
@@ -62,6 +71,53 @@ def fast_parameter(module: nn.Module, name: str) -> Any:
     """
     value = module._parameters.get(name, _MISSING)
     return getattr(module, name) if value is _MISSING else value
+
+
+def names_bad_input(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a layer's ``forward``: an input that does not fit raises an error naming
+    the layer and what it expects.
+
+    Costs nothing on a good input: the input is examined only once the kernel has
+    failed. If the input's shape, dtype and device are right the kernel's own error
+    propagates unchanged. Wrong shape or device -> ``ValueError``; wrong dtype (outside
+    autocast) -> ``TypeError``; like ``nn.Linear``, the message gives both shapes.
+    """
+
+    @functools.wraps(forward)
+    def checked(self: nn.Module, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return forward(self, input, *args, **kwargs)
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as error:
+            problem = input_problem(self, input)
+            if problem is None:
+                raise
+            raise problem from error
+
+    return checked
+
+
+def input_problem(layer: nn.Module, input: Any) -> Exception | None:
+    """The error to raise for ``input`` to ``layer``, or ``None`` if it fits."""
+    name = f"{type(layer).__name__}({layer.extra_repr()})"
+    if not isinstance(input, torch.Tensor):
+        return TypeError(f"{name}: expected a torch.Tensor input, got {type(input).__name__}")
+    adapter: SourceAdapter = type(layer).source
+    tensors = list(layer.parameters()) + list(layer.buffers())
+    got = f"got shape {tuple(input.shape)}, dtype {input.dtype} on {input.device}"
+    if tensors and input.device != tensors[0].device:
+        return ValueError(f"{name}: expected an input on {tensors[0].device}, {got}")
+    # A layer whose weights are all buffers (int8 inference) takes any float dtype.
+    weight = next((p for p in layer.parameters() if p.is_floating_point()), None)
+    if not adapter.float_input and input.dtype not in (torch.long, torch.int):
+        return TypeError(f"{name}: expected torch.long or torch.int indices, got {input.dtype}")
+    if adapter.float_input and not input.is_floating_point():
+        return TypeError(f"{name}: expected a floating-point input, {got}")
+    if adapter.float_input and weight is not None and input.dtype != weight.dtype:
+        if not torch.is_autocast_enabled(input.device.type):
+            return TypeError(f"{name}: expected input of dtype {weight.dtype}, {got}")
+    if not adapter.input_fits(layer, input):
+        return ValueError(f"{name}: expected input of shape {adapter.expected_input(layer)}, {got}")
+    return None
 
 
 def gram_of(calibration: Calibration) -> torch.Tensor | None:

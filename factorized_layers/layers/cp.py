@@ -34,7 +34,7 @@ from ..ranks import (
 )
 from ..registry import Capabilities, register_layer
 from ..sources import ConvSource
-from .base import Calibration, FactorizedLayer, Fit, gram_of
+from .base import Calibration, FactorizedLayer, Fit, gram_of, names_bad_input
 
 __all__ = ["CPConv1d", "CPConv2d", "CPConv3d"]
 
@@ -249,6 +249,7 @@ class _CPConvNd(FactorizedLayer):
             bound = 1.0 / math.sqrt(self.in_channels * math.prod(self.kernel_size))
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return cp_convnd(
             input,

@@ -26,7 +26,7 @@ from ..ranks import (
 )
 from ..registry import Capabilities, register_layer
 from ..sources import LinearSource
-from .base import Calibration, FactorizedLayer, Fit, fast_parameter, gram_of
+from .base import Calibration, FactorizedLayer, Fit, fast_parameter, gram_of, names_bad_input
 
 __all__ = ["DynamicInt8SVDLinear", "SVDLinear"]
 
@@ -130,6 +130,7 @@ class SVDLinear(FactorizedLayer):
             bias_bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bias_bound, bias_bound)
 
+    @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Below the break-even rank the input-first order is optimal for every batch
         # size, so no plan is looked up.
@@ -337,6 +338,7 @@ class DynamicInt8SVDLinear(nn.Module):
 
     __constants__ = ["in_features", "out_features", "rank"]
     float_layer = SVDLinear
+    source = SVDLinear.source
     """The float class this module quantizes (checkpoint plans name it)."""
 
     def __init__(
@@ -391,6 +393,7 @@ class DynamicInt8SVDLinear(nn.Module):
             "bias": self.bias is not None,
         }
 
+    @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         hidden = int8_linear(input, self.input_values, self.input_scale)
         return int8_linear(hidden, self.output_values, self.output_scale, self.bias)

@@ -35,7 +35,7 @@ from ..functional.svd_conv import check_conv2d_input, run_svd_conv2d_plan, svd_c
 from ..ranks import RankProfile, RankSpec, check_positive, resolve_matrix_rank
 from ..registry import Capabilities, register_layer
 from ..sources import ConvSource
-from .base import Calibration, FactorizedLayer, Fit, fast_parameter, gram_of
+from .base import Calibration, FactorizedLayer, Fit, fast_parameter, gram_of, names_bad_input
 
 __all__ = ["SVDConv2d"]
 
@@ -340,6 +340,7 @@ class SVDConv2d(FactorizedLayer):
             bound = 1.0 / math.sqrt(self.in_channels * kh * kw)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_conv2d_input(input, self.in_channels)
         return run_svd_conv2d_plan(

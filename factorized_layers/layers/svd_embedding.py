@@ -13,7 +13,7 @@ from ..decompose import low_rank_factors, reduce_low_rank
 from ..ranks import RankProfile, RankSpec, check_positive, resolve_matrix_rank
 from ..registry import Capabilities, register_layer
 from ..sources import EmbeddingSource, copied_parameter
-from .base import FactorizedLayer, Fit, fast_parameter
+from .base import FactorizedLayer, Fit, fast_parameter, names_bad_input
 from .svd import SVDLinear
 
 __all__ = ["SVDEmbedding"]
@@ -112,6 +112,7 @@ class SVDEmbedding(FactorizedLayer):
             with torch.no_grad():
                 self.row_factor[self.padding_idx].fill_(0)
 
+    @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dtype not in (torch.long, torch.int):
             raise TypeError(

@@ -31,7 +31,7 @@ from ..ranks.tt import (
 from ..registry import Capabilities, register_layer
 from ..sources import LinearSource
 from ..tensorize import check_tensorization, tensorize
-from .base import Calibration, FactorizedLayer, Fit, fast_parameter
+from .base import Calibration, FactorizedLayer, Fit, fast_parameter, names_bad_input
 from .svd import SVDLinear
 from .tucker import TensorizationCandidate, TensorizationReport
 
@@ -291,6 +291,7 @@ class TTLinear(FactorizedLayer):
             bias_bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bias_bound, bias_bound)
 
+    @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return tt_linear(
             input,

@@ -32,7 +32,7 @@ from ..ranks import (
 from ..registry import Capabilities, register_layer
 from ..sources import LinearSource
 from ..tensorize import check_tensorization, tensorize, tensorize_candidates
-from .base import Calibration, FactorizedLayer, Fit, fast_parameter
+from .base import Calibration, FactorizedLayer, Fit, fast_parameter, names_bad_input
 from .svd import SVDLinear
 
 __all__ = ["TuckerLinear", "TensorizationCandidate", "TensorizationReport"]
@@ -304,6 +304,7 @@ class TuckerLinear(FactorizedLayer):
             bias_bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bias_bound, bias_bound)
 
+    @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return tucker_linear(
             input,

@@ -30,7 +30,7 @@ from ..functional.tucker_conv import tucker_conv_weight, tucker_convnd
 from ..ranks import RankProfile, check_positive, evbmf_rank
 from ..registry import Capabilities, register_layer
 from ..sources import ConvSource
-from .base import Calibration, FactorizedLayer, Fit, fast_parameter, gram_of
+from .base import Calibration, FactorizedLayer, Fit, fast_parameter, gram_of, names_bad_input
 
 __all__ = [
     "TuckerConv2d",
@@ -393,6 +393,7 @@ class _TuckerConvNd(FactorizedLayer):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return tucker_convnd(
             input,
