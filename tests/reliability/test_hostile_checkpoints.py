@@ -297,12 +297,12 @@ def test_non_finite_weights_are_refused_in_either_format(valid, tmp_path, suffix
 def test_a_huge_claimed_rank_is_refused_before_it_is_allocated(valid, tmp_path):
     plan, state = valid
     plan = copy.deepcopy(plan)
-    entry = next(e for e in plan["layers"] if e["name"] == "l1")
-    entry["config"]["rank"] = 10**6  # 48 million elements for a 16 -> 32 layer
+    entry = next(e for e in plan["layers"] if e["name"] == "c1")
+    entry["config"]["rank"] = 10**6  # CP ranks have no upper bound: 17 million elements
     path = tmp_path / "huge.pt"
     torch.save({"plan": json.dumps(plan), "state_dict": dict(state)}, path)
     model = _fresh()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"'l1' \(SVDLinear\), alone claims 48000000"):
+    with pytest.raises(ValueError, match=r"'c1' \(CPConv2d\), alone claims 17000000"):
         load_factorized(model, path)
     assert unchanged(model, before)
