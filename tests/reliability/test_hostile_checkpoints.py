@@ -294,15 +294,30 @@ def test_non_finite_weights_are_refused_in_either_format(valid, tmp_path, suffix
     assert unchanged(fresh, before)
 
 
-def test_a_huge_claimed_rank_is_refused_before_it_is_allocated(valid, tmp_path):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_huge_claimed_rank_is_refused_before_it_is_allocated(valid, peak, tmp_path, name):
     plan, state = valid
     plan = copy.deepcopy(plan)
-    entry = next(e for e in plan["layers"] if e["name"] == "c1")
-    entry["config"]["rank"] = 10**6  # CP ranks have no upper bound: 17 million elements
+    entry = next(e for e in plan["layers"] if e["name"] == name)
+    rank = entry["config"]["rank"]
+    entry["config"]["rank"] = [10**6] * len(rank) if isinstance(rank, list) else 10**6
     path = tmp_path / "huge.pt"
     torch.save({"plan": json.dumps(plan), "state_dict": dict(state)}, path)
     model = _fresh()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"'c1' \(CPConv2d\), alone claims 17000000"):
+    with pytest.raises(ValueError, match=f"plan entry '{name}'"):
         load_factorized(model, path)
     assert unchanged(model, before)
+
+
+def test_layers_claiming_more_elements_than_the_file_holds_are_refused():
+    # Registered families bound their ranks by their shapes; the element budget also
+    # stops a family (a user's) that does not, before anything real is allocated.
+    from factorized_layers.checkpoint import _check_claimed_sizes
+
+    dense = nn.Linear(16, 32)
+    checked = {"l1": (dense, SVDLinear, {})}
+    saved = {"l1.input_factor": (5, 16), "l1.output_factor": (32, 5), "l1.bias": (32,)}
+    _check_claimed_sizes({"l1": 5 * 16 + 32 * 5 + 32}, checked, saved)
+    with pytest.raises(ValueError, match=r"'l1' \(SVDLinear\), alone claims 10000000"):
+        _check_claimed_sizes({"l1": 10**7}, checked, saved)
