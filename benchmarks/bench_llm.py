@@ -34,7 +34,7 @@ from factorized_layers.sequential import Sequential
 
 from .peers import missing_reason
 from .report import Section, Table, fmt_ratio
-from .timing import machine_info
+from .timing import machine_info, status_kib
 
 FRACTIONS = (0.9, 0.8, 0.6)
 CHUNK = 256
@@ -65,17 +65,6 @@ def _peak_rss_reset() -> bool:
         return True
     except OSError:
         return False
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _batches(chunks: torch.Tensor) -> List[dict]:
@@ -145,7 +134,7 @@ def measure(
         converted = copy.deepcopy(model)
         gc.collect()
         tracked = _peak_rss_reset()
-        before = _rss_kib("VmRSS")
+        before = status_kib("VmRSS")
         start = time.perf_counter()
         report = factorize_(
             converted,
@@ -156,7 +145,7 @@ def measure(
             progress=False,
         )
         seconds = time.perf_counter() - start
-        peak = _rss_kib("VmHWM") if tracked else None
+        peak = status_kib("VmHWM") if tracked else None
         row = dict(config)
         row.update(
             tokens=0 if config["init"] == "plain" else chunks.numel(),

@@ -36,6 +36,7 @@ import torch.nn as nn
 from factorized_layers import CPConv2d, SVDLinear, TuckerLinear
 
 from .report import Section, Table, fmt_ratio, fmt_time
+from .timing import status_kib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -93,14 +94,6 @@ def _converter(layer: str) -> Callable[..., nn.Module]:
     ].from_dense
 
 
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _peak_meter(device: str) -> Tuple[str, Callable[[], None], Callable[[], int]]:
     """``(method, start, peak_increase_bytes)`` for this platform and device."""
     if device.startswith("cuda"):
@@ -120,12 +113,12 @@ def _peak_meter(device: str) -> Tuple[str, Callable[[], None], Callable[[], int]
     if os.path.exists("/proc/self/clear_refs"):
 
         def start_proc() -> None:
-            base["kib"] = _proc_kib("VmRSS")
+            base["kib"] = status_kib("VmRSS")
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")  # resets VmHWM to the current RSS
 
         def stop_proc() -> int:
-            return (_proc_kib("VmHWM") - base["kib"]) * 1024
+            return (status_kib("VmHWM") - base["kib"]) * 1024
 
         return "peak RSS (VmHWM, reset) - RSS before", start_proc, stop_proc
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere

@@ -92,6 +92,11 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
         "MiniLM and the digits CNN: dense vs factorized, eager vs ONNX Runtime, fp32 vs int8 "
         "(latency at batch 1 and 32, sizes, quality)",
     ),
+    "reliability": (
+        "benchmarks.bench_reliability",
+        "tests/reliability tallied in one run (faults, bad inputs, hostile checkpoints, "
+        "threads) and a 10,000-step training soak of a converted CNN",
+    ),
     "digits": (
         "benchmarks.bench_digits",
         "digits CNN (factorized_layers.demo): accuracy vs kept parameters",

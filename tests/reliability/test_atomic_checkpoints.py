@@ -14,6 +14,8 @@ import torch.nn as nn
 import factorized_layers.checkpoint as checkpoint
 from factorized_layers import factorize_, load_factorized, save_factorized
 
+from .tally import record
+
 
 def _dense(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -53,7 +55,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(suffix, failure, tmp_path,
         save_factorized(_converted(seed=1), path)
     monkeypatch.setattr(checkpoint.os, "replace", real_replace)
 
-    assert path.read_bytes() == before
+    assert record("interrupted writes keeping the previous checkpoint", path.read_bytes() == before)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
     x = torch.randn(3, 32)
     with torch.no_grad():
@@ -113,7 +115,10 @@ def test_damaged_checkpoints_are_refused_by_name_and_change_nothing(suffix, dama
         return
     after_modules, after_values = _state(model)
     assert after_modules == modules
-    assert all(torch.equal(values[k], after_values[k]) for k in values)
+    assert record(
+        "damaged checkpoint files refused",
+        all(torch.equal(values[k], after_values[k]) for k in values),
+    )
 
 
 def test_a_missing_file_keeps_its_os_error(tmp_path):

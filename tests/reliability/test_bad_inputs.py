@@ -22,6 +22,8 @@ from factorized_layers import (
     factorize_,
 )
 
+from .tally import record
+
 LINEARS = [SVDLinear, TuckerLinear, TTLinear]
 CONVS = [CPConv2d, TuckerConv2d, SVDConv2d]
 
@@ -70,7 +72,10 @@ def test_a_bad_input_is_refused_naming_the_layer(cls, dense, what, bad, error, w
     model = _converted(dense, cls)
     with pytest.raises(error, match=words) as raised:
         model(bad)
-    assert str(raised.value).startswith(f"{cls.__name__}({model[0].extra_repr()}): ")
+    assert record(
+        "bad inputs refused naming the layer",
+        str(raised.value).startswith(f"{cls.__name__}({model[0].extra_repr()}): "),
+    )
     good = torch.randint(0, 50, (2, 5)) if cls is SVDEmbedding else None
     if good is None:
         good = torch.randn(4, 32) if cls in LINEARS else torch.randn(2, 3, 8, 8)

@@ -21,6 +21,8 @@ from factorized_layers import (
 )
 from factorized_layers.contract import ContractionCache, contract
 
+from .tally import record
+
 THREADS = 8
 
 
@@ -71,6 +73,7 @@ def test_forward_and_backward_from_8_threads_match_single_threaded_runs():
         torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-7)
         for got, want in zip(grads, want_grads):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        record("concurrent forward+backward results equal to single-threaded")
 
 
 def test_the_contraction_cache_stays_bounded_and_counts_every_lookup_from_8_threads():
@@ -92,6 +95,7 @@ def test_the_contraction_cache_stays_bounded_and_counts_every_lookup_from_8_thre
         results = list(pool.map(task, calls))
     for operands, result in zip(calls, results):
         torch.testing.assert_close(result, torch.einsum("bi,ri,or->bo", *operands))
+        record("concurrent cached contractions equal to torch.einsum")
     info = cache.info()
     assert info.hits + info.misses == len(calls)
     assert info.misses >= len(cases) and info.currsize <= 4 and max(sizes) <= 4

@@ -22,6 +22,7 @@ from factorized_layers import (
 )
 
 from .snapshot import snapshot, unchanged
+from .tally import record
 
 
 def _hook(module, args):
@@ -88,7 +89,7 @@ def test_a_fault_at_every_swap_leaves_the_model_as_it_was(operation, error, tmp_
         _failing_swap(monkeypatch, fail_at, error)
         with pytest.raises(type(error)):
             OPERATIONS[operation](model, path)
-        assert unchanged(model, before)
+        assert record("faults injected", unchanged(model, before))
         x = torch.randn(2, 3, 6, 6)
         model(x)  # still runs, with its original modules
 
@@ -105,7 +106,7 @@ def test_undoing_a_swap_of_a_static_padding_subclass_does_not_pad_twice(monkeypa
     _failing_swap(monkeypatch, 2, RuntimeError("injected"))
     with pytest.raises(RuntimeError, match="injected"):
         factorize_(model, rank=0.5, progress=False)
-    assert unchanged(model, before)
+    assert record("faults injected", unchanged(model, before))
     assert torch.equal(model(x), expected)
 
 
@@ -142,7 +143,7 @@ def test_a_fault_in_any_calibration_batch_leaves_no_hook_and_no_change(sensitivi
             )
         with raised:
             calibrate(model, batches, sensitivity=sensitivity)
-        assert unchanged(model, before)
+        assert record("faults injected", unchanged(model, before))
         assert all(p.grad is None for p in model.parameters())
 
 
@@ -195,7 +196,8 @@ def test_a_fault_in_any_decomposition_leaves_the_model_as_it_was(conversion, err
         _failing_fits(monkeypatch, fail_at, error)
         with pytest.raises(type(error)):
             CONVERSIONS[conversion](model)
-        assert unchanged(model, before), f"fault at decomposition {fail_at} of {fits}"
+        survived = unchanged(model, before)
+        assert record("faults injected", survived), f"fault at decomposition {fail_at} of {fits}"
 
 
 @pytest.mark.parametrize("linalg", ["svd", "eigh", "cholesky_ex", "svdvals"])
@@ -223,7 +225,8 @@ def test_a_linear_algebra_failure_inside_a_decomposition_leaves_the_model_as_it_
             before = snapshot(model)
             with pytest.raises(torch.linalg.LinAlgError, match="injected"):
                 conversion(model)
-            assert unchanged(model, before), f"{name}: {linalg} failing at {fail_at} of {total}"
+            where = f"{name}: {linalg} failing at {fail_at} of {total}"
+            assert record("faults injected", unchanged(model, before)), where
             tried += 1
     assert tried >= 1
 
@@ -252,7 +255,8 @@ def test_a_fault_in_any_calibration_hook_leaves_no_hook_and_no_change(error, mon
         before = snapshot(model)
         with pytest.raises((type(error), ValueError)):
             calibration.calibrate(model, _calibration_batches())
-        assert unchanged(model, before), f"fault in calibration hook call {fail_at} of {total}"
+        where = f"fault in calibration hook call {fail_at} of {total}"
+        assert record("faults injected", unchanged(model, before)), where
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -268,4 +272,4 @@ def test_non_finite_calibration_inputs_are_refused_naming_the_layer(bad, sequent
         calibrate(model, batches)
     with pytest.raises(ValueError, match=r"NaN.*'?0'? \(Conv2d\)|0 \(Conv2d\).*NaN"):
         factorize_(model, rank=0.5, calibration=batches, sequential=sequential, progress=False)
-    assert unchanged(model, before)
+    assert record("faults injected", unchanged(model, before))

@@ -35,6 +35,7 @@ from factorized_layers import (
 )
 
 from .snapshot import snapshot, unchanged
+from .tally import record
 
 FAMILIES = {
     "emb": SVDEmbedding,
@@ -204,10 +205,11 @@ def _load(tmp_path, plan_text: str, state: dict):
         load_factorized(model, path)
     except (ValueError, TypeError) as error:
         assert len(str(error)) <= MAX_MESSAGE, f"{len(str(error))}-character message"
-        assert unchanged(model, before), f"model changed by a refused load: {error}"
+        assert record("hostile checkpoints refused", unchanged(model, before)), str(error)
         return "refused"
     output = model(*_inputs())
     assert torch.isfinite(output).all(), "a loaded checkpoint computes non-finite outputs"
+    record("hostile checkpoints loaded (harmless mutation)")
     return "loaded"
 
 
@@ -271,7 +273,7 @@ def test_a_checkpoint_holding_code_is_never_run(valid, tmp_path):
     before = snapshot(model)
     with pytest.raises(ValueError, match="cannot be read"):
         load_factorized(model, path)
-    assert unchanged(model, before)
+    assert record("hostile checkpoints refused", unchanged(model, before))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -291,7 +293,7 @@ def test_non_finite_weights_are_refused_in_either_format(valid, tmp_path, suffix
     before = snapshot(fresh)
     with pytest.raises(ValueError, match=r"'l2.core' holds NaN or Inf"):
         load_factorized(fresh, path)
-    assert unchanged(fresh, before)
+    assert record("hostile checkpoints refused", unchanged(fresh, before))
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -307,7 +309,7 @@ def test_a_huge_claimed_rank_is_refused_before_it_is_allocated(valid, peak, tmp_
     before = snapshot(model)
     with pytest.raises(ValueError, match=f"plan entry '{name}'"):
         load_factorized(model, path)
-    assert unchanged(model, before)
+    assert record("hostile checkpoints refused", unchanged(model, before))
 
 
 def test_layers_claiming_more_elements_than_the_file_holds_are_refused():
