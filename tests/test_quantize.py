@@ -90,7 +90,9 @@ def test_int8_linear_keeps_the_input_dtype_and_refuses_bad_widths():
     assert int8_linear(torch.randn(3, 8, dtype=torch.bfloat16), values, scale).dtype == (
         torch.bfloat16
     )
-    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 8\), got \(3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"expected input of shape \(\*, 8\), got (shape )?\(3, 5\)"
+    ):
         int8_linear(torch.randn(3, 5), values, scale)
 
 

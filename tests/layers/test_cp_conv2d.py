@@ -736,10 +736,11 @@ def test_grouped_source_and_wrong_module_are_rejected():
 def test_wrong_input_shape_raises_value_error():
     layer = CPConv2d(4, 6, 3, rank=2)
     with pytest.raises(
-        ValueError, match=r"expected input of shape \(N, 4, \*spatial\).*got \(2, 5, 8, 8\)"
+        ValueError,
+        match=r"expected input of shape \(N, 4, \*spatial\).*got (shape )?\(2, 5, 8, 8\)",
     ):
         layer(torch.randn(2, 5, 8, 8))
-    with pytest.raises(ValueError, match=r"got \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"got (shape )?\(4, 8\)"):
         layer(torch.randn(4, 8))
     with pytest.raises(ValueError, match=r"expected 1 to 3 spatial factors, got 4"):
         cp_convnd(

@@ -135,9 +135,11 @@ def test_non_finite_weights_raise_value_error(bad):
 
 def test_wrong_input_feature_size_raises_value_error():
     layer = SVDLinear(24, 16, rank=4)
-    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\), got \(3, 23\)"):
+    with pytest.raises(
+        ValueError, match=r"expected input of shape \(\*, 24\), got (shape )?\(3, 23\)"
+    ):
         layer(torch.randn(3, 23))
-    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\), got \(\)"):
+    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\), got (shape )?\(\)"):
         layer(torch.tensor(1.0))
 
 

@@ -114,7 +114,9 @@ def test_bad_constructor_arguments_name_the_values():
         TTLinear(24, 16, (2,), n_cores=3)
     with pytest.raises(ValueError, match=r"fraction of parameters in \(0, 1\], got 0.0"):
         TTLinear(24, 16, 0.0)
-    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\), got \(2, 23\)"):
+    with pytest.raises(
+        ValueError, match=r"expected input of shape \(\*, 24\), got (shape )?\(2, 23\)"
+    ):
         TTLinear(24, 16, 2)(torch.randn(2, 23))
 
 

@@ -597,9 +597,11 @@ def test_bad_from_dense_and_forward_input():
     with pytest.raises(TypeError, match="rank must be an int, a float or a tuple"):
         TuckerLinear(24, 16, "2")
     layer = TuckerLinear(24, 16, 2)
-    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\), got \(3, 23\)"):
+    with pytest.raises(
+        ValueError, match=r"expected input of shape \(\*, 24\), got (shape )?\(3, 23\)"
+    ):
         layer(torch.randn(3, 23))
-    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\), got \(\)"):
+    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 24\), got (shape )?\(\)"):
         layer(torch.tensor(1.0))
 
 
