@@ -5,7 +5,7 @@ contractions, and are built from trained dense layers with ``from_dense``.
 Importing this package does not initialise CUDA and changes no global state.
 """
 
-from . import contract, decompose, functional, ranks
+from . import contract, decompose, functional, ranks, schedule
 from .calibrate import InputStats, calibrate
 from .checkpoint import factorization_plan, load_factorized, save_factorized
 from .convert import FactorizationReport, LayerReport, factorize_, truncate_, unfactorize_
@@ -28,6 +28,7 @@ from .layers import (
 from .quantize import QuantizationReport, quantize_
 from .ranks import EVBMF, Budget, Energy, ErrorBound, RankProfile, RankSpec, resolve_matrix_rank
 from .registry import Capabilities, register_layer, registered_layers
+from .schedule import measured_schedules, set_measured_schedules
 from .sequential import Sequential
 
 __version__ = "0.1.0"
@@ -78,5 +79,8 @@ __all__ = [
     "low_rank_factors",
     "ranks",
     "resolve_matrix_rank",
+    "schedule",
+    "measured_schedules",
+    "set_measured_schedules",
     "truncated_svd",
 ]

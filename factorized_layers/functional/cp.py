@@ -8,12 +8,14 @@ convolution arguments (stride, padding, dilation, ``padding_mode``) are handled 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ..contract import shape_free_schedule
+from ..schedule import choose_schedule, measuring
 from ._conv import (
     DEPTHWISE_CONV,
     check_padding_mode,
@@ -163,6 +165,7 @@ def cp_convnd(
         True
     """
     spatial_factors = tuple(spatial_factors)
+    chosen = separable
     kernel_size, stride, dilation, pads, separable = _conv_options(
         input,
         in_channel_factor,
@@ -173,6 +176,22 @@ def cp_convnd(
         padding_mode,
         separable,
     )
+    if chosen is None and len(spatial_factors) > 1 and measuring():
+        arguments = (input, out_channel_factor, in_channel_factor, spatial_factors, bias)
+        options = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
+        candidates = {
+            "separable": functools.partial(cp_convnd, *arguments, **options, separable=True),
+            "merged": functools.partial(cp_convnd, *arguments, **options, separable=False),
+        }
+        # Per channel and pixel: k_1 + ... + k_n multiply-adds against k_1 * ... * k_n.
+        modelled = {"separable": sum(kernel_size), "merged": math.prod(kernel_size)}
+        key = (tuple(input.shape[1:]), tuple(f.shape for f in spatial_factors), stride, dilation)
+        batch = input.shape[0] if input.dim() == len(spatial_factors) + 2 else 1
+        default = "separable" if separable else "merged"
+        separable = (
+            choose_schedule("cp_conv", key, default, candidates, modelled, input, batch)
+            == "separable"
+        )
     unbatched = input.dim() == len(spatial_factors) + 1
     if unbatched:
         input = input.unsqueeze(0)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..contract import shape_free_schedule
 from ..ranks.tt import tt_linear_flops
+from ..schedule import choose_schedule, measuring
 from .svd import check_linear_input
 
 __all__ = [
@@ -158,6 +159,21 @@ def tt_schedule(plan: TTPlan, batch: int) -> str:
     if plan.excess > 0 and (shape_free_schedule() or batch * plan.excess > plan.build):
         return "weight_first"
     return plan.order
+
+
+def _measured(default: str, input, cores, bias, plan: TTPlan, rows: int) -> str:
+    """:func:`~factorized_layers.schedule.choose_schedule` over :data:`TT_SCHEDULES`."""
+    last_first, first_first = tt_linear_flops(plan.out_shape, plan.in_shape, plan.ranks)
+    modelled = {
+        "last_core_first": rows * last_first,
+        "first_core_first": rows * first_first,
+        "weight_first": plan.build + rows * math.prod(plan.out_shape) * math.prod(plan.in_shape),
+    }
+    candidates = {
+        name: functools.partial(tt_linear, input, cores, bias, plan=plan, schedule=name)
+        for name in modelled
+    }
+    return choose_schedule("tt_linear", plan, default, candidates, modelled, input, rows)
 
 
 def tt_dense_weight(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -343,6 +359,8 @@ def tt_linear(
     rows = math.prod(leading)
     if schedule is None:
         schedule = tt_schedule(plan, rows)
+        if measuring():
+            schedule = _measured(schedule, input, cores, bias, plan, rows)
     if schedule == "weight_first":
         return F.linear(input, tt_dense_weight(cores), bias)
     x = input.reshape(rows, in_features)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import contraction_path, shape_free_schedule
+from ..schedule import choose_schedule, measuring
 
 __all__ = [
     "TuckerPlan",
@@ -455,25 +456,56 @@ def tucker_linear(
     if input.dim() == 0 or input.shape[-1] != in_features:
         raise ValueError(f"expected input of shape (*, {in_features}), got {tuple(input.shape)}")
     batch = input.numel() // in_features
+    operands = (input, batch, plan, core, out_factors, in_factors, bias)
     if len(plan.out_modes) == 1 and len(plan.in_modes) == 1:
-        return _single_mode_linear(input, batch, plan, core, out_factors, in_factors, bias)
-    if not (plan.always_input_first or _input_first(plan, batch)):
-        return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
-    if not shape_free_schedule() and batch * plan.small_products_per_row <= _IN_PLACE_MAX_PRODUCTS:
-        return _modes_in_place(input, batch, plan, core, out_factors, in_factors, bias)
-    return _rotation_chain(input, batch, plan, core, out_factors, in_factors, bias)
+        return _single_mode_linear(*operands)
+    if plan.always_input_first or _input_first(plan, batch):
+        in_place = batch * plan.small_products_per_row <= _IN_PLACE_MAX_PRODUCTS
+        schedule = "in_place" if in_place and not shape_free_schedule() else "rotation"
+    else:
+        schedule = "weight_first"
+    if measuring():
+        schedule = _measured(schedule, operands)
+    return _SCHEDULES[schedule](*operands)
+
+
+def _weight_first(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
+    """Build the dense weight mode by mode, then one ``F.linear``."""
+    return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
+
+
+def _measured(default: str, operands) -> str:
+    """:func:`~factorized_layers.schedule.choose_schedule` over the Tucker schedules."""
+    input, batch, plan = operands[:3]
+    input_first, weight_first = tucker_schedule_costs(plan, batch)
+    modelled = {"weight_first": weight_first, "rotation": input_first}
+    if len(plan.out_modes) == 1 and len(plan.in_modes) == 1:
+        modelled["chain"] = modelled.pop("rotation")
+    # Keeping modes in place batches many tiny GEMMs: only worth timing at few rows.
+    elif batch * plan.small_products_per_row <= 16 * _IN_PLACE_MAX_PRODUCTS:
+        modelled["in_place"] = input_first
+    candidates = {name: functools.partial(_SCHEDULES[name], *operands) for name in modelled}
+    return choose_schedule("tucker_linear", plan, default, candidates, modelled, input, batch)
 
 
 def _single_mode_linear(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
     """One (merged) mode per side: ``U G V^T`` as chained ``F.linear`` calls, or weight first."""
+    operands = (input, batch, plan, core, out_factors, in_factors, bias)
+    if plan.out_modes[0][2] < 0 and plan.in_modes[0][2] < 0:
+        return F.linear(input, core.reshape(plan.rows, plan.columns), bias)
+    first = plan.always_input_first or _input_first(plan, batch)
+    schedule = "chain" if first else "weight_first"
+    if measuring():
+        schedule = _measured(schedule, operands)
+    return _SCHEDULES[schedule](*operands)
+
+
+def _single_mode_chain(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
+    """``U G V^T`` applied to the input as chained ``F.linear`` calls."""
     out_modes, in_modes = plan.out_modes, plan.in_modes
     matrix = core if core.dim() == 2 else core.reshape(plan.rows, plan.columns)
     u = None if out_modes[0][2] < 0 else out_factors[out_modes[0][2]]
     v = None if in_modes[0][2] < 0 else in_factors[in_modes[0][2]]
-    if u is None and v is None:
-        return F.linear(input, matrix, bias)
-    if not (plan.always_input_first or _input_first(plan, batch)):
-        return F.linear(input, _planned_dense_weight(plan, core, out_factors, in_factors), bias)
     h = input if v is None else torch.matmul(input, v)
     if u is None:
         return F.linear(h, matrix, bias)
@@ -551,6 +583,14 @@ def _modes_in_place(input, batch: int, plan: TuckerPlan, core, out_factors, in_f
         post *= size
     t = t.reshape(input.shape[:-1] + (plan.out_features,))
     return t if bias is None else t + bias
+
+
+_SCHEDULES = {
+    "weight_first": _weight_first,
+    "in_place": _modes_in_place,
+    "rotation": _rotation_chain,
+    "chain": _single_mode_chain,
+}
 
 
 def _input_first(plan: TuckerPlan, batch) -> bool:
