@@ -130,11 +130,10 @@ class ScheduleCache:
                 evicted, _ = self._choices.popitem(last=False)
                 self._timings.pop(evicted, None)
 
-    def timings(self, key: Hashable) -> dict | None:
-        """The median seconds per candidate measured for ``key`` (``None``: not measured)."""
+    def choices(self) -> list:
+        """``[(key, chosen name, {candidate: median seconds})]``, least recent first."""
         with self._lock:
-            found = self._timings.get(key)
-            return None if found is None else dict(found)
+            return [(key, name, dict(self._timings[key])) for key, name in self._choices.items()]
 
     def info(self) -> ScheduleCacheInfo:
         with self._lock:

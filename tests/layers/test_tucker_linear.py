@@ -675,3 +675,28 @@ def test_from_dense_property_budget_and_hooi_not_worse_than_hosvd(layout, fracti
     assert tucker_params(shape, layer.rank) <= budget
     error = _relative_error(layer, dense)
     assert error <= hosvd(dense.weight.reshape(shape), layer.rank).error + 1e-9
+
+
+@pytest.mark.parametrize("batch", [1, 37, 600])
+def test_every_schedule_computes_the_dense_product(batch):
+    # 600 rows of a 1536-wide layer run the rotation chain in blocks of 128 rows.
+    from factorized_layers.functional.tucker import (
+        TUCKER_SCHEDULES,
+        tucker_dense_weight,
+        tucker_linear_scheduled,
+    )
+
+    torch.manual_seed(0)
+    layer = TuckerLinear(384, 1536, rank=(12, 9, 7, 8, 8, 6), in_shape=(8, 8, 6),
+                         out_shape=(16, 12, 8), dtype=torch.float64)  # fmt: skip
+    x = torch.randn(batch, 384, dtype=torch.float64)
+    outs, ins = layer.out_factors(), layer.in_factors()
+    expected = F.linear(x, tucker_dense_weight(layer.core, outs, ins), layer.bias)
+    for schedule in set(TUCKER_SCHEDULES) - {"chain"}:
+        got = tucker_linear_scheduled(schedule, x, layer.core, outs, ins, layer.bias,
+                                      plan=layer._plan)  # fmt: skip
+        torch.testing.assert_close(got, expected, msg=schedule)
+    with pytest.raises(ValueError, match="does not apply"):
+        tucker_linear_scheduled("chain", x, layer.core, outs, ins, plan=layer._plan)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        tucker_linear_scheduled("fastest", x, layer.core, outs, ins, plan=layer._plan)
