@@ -60,6 +60,11 @@ BENCHMARKS: Dict[str, Tuple[str, str]] = {
         "benchmarks.bench_tucker_conv2d",
         "TuckerConv2d forward vs dense and tltorch's Tucker FactorizedConv; fit error vs tltorch",
     ),
+    "schedule": (
+        "benchmarks.bench_schedule",
+        "every forward schedule of Tucker, tensor-train and CP layers vs the cost model's "
+        "and measured schedules' choices over ranks and batch sizes",
+    ),
     "memory": (
         "benchmarks.bench_memory",
         "peak memory and time of from_dense on large layers (one subprocess per case)",

@@ -54,8 +54,11 @@ __all__ = [
 CANDIDATE_RATIO = 4.0
 """A schedule is timed only if its modelled cost is within this factor of the best."""
 
-_REPEATS = 3
-"""Timed calls per candidate (after one warm-up call); the median decides."""
+_ROUNDS = 5
+"""Interleaved timing rounds per candidate (after one warm-up call); the median decides."""
+
+_MIN_ROUND_SECONDS = 1e-3
+"""A round repeats a faster call until it lasts about this long (timer resolution)."""
 
 _state = threading.local()
 _global = {"enabled": False}
@@ -207,24 +210,37 @@ def choose_schedule(
     chosen = cache.get(full_key)
     if chosen is not None:
         return chosen
-    timings = {name: _median_seconds(candidates[name], operand.device) for name in kept}
+    timings = _interleaved_medians({name: candidates[name] for name in kept}, operand.device)
     chosen = min(timings, key=timings.__getitem__)
     cache.put(full_key, chosen, timings)
     return chosen
 
 
-def _median_seconds(run: Callable[[], Any], device: torch.device) -> float:
-    def synchronize() -> None:
+def _interleaved_medians(runs: Mapping[str, Callable[[], Any]], device: torch.device) -> dict:
+    """Median seconds per call of each run over :data:`_ROUNDS` interleaved rounds.
+
+    Interleaving spreads a load change on a shared machine over every candidate; a
+    round repeats a call that takes less than :data:`_MIN_ROUND_SECONDS`.
+    """
+
+    def timed(run: Callable[[], Any], calls: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-
-    samples = []
-    with torch.no_grad():
-        run()  # warm-up: allocator, plans, caches
-        for _ in range(_REPEATS):
-            synchronize()
-            start = time.perf_counter()
+        start = time.perf_counter()
+        for _ in range(calls):
             run()
-            synchronize()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / calls
+
+    with torch.no_grad():
+        calls = {}
+        for name, run in runs.items():
+            run()  # warm-up: allocator, plans, caches
+            once = max(timed(run, 1), 1e-7)
+            calls[name] = max(1, min(100, int(_MIN_ROUND_SECONDS / once)))
+        samples: dict = {name: [] for name in runs}
+        for _ in range(_ROUNDS):
+            for name, run in runs.items():
+                samples[name].append(timed(run, calls[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}

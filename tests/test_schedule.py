@@ -53,13 +53,13 @@ def test_the_fastest_candidate_wins_once_per_bucket_and_is_cached():
     modelled = {"slow": 1.0, "fast": 1.0}
     with measured_schedules():
         assert choose_schedule("k", "key", "slow", candidates, modelled, X, 40, cache) == "fast"
+        assert calls.count(0.004) == 7  # warm-up, one call to size rounds, five rounds
         timed = len(calls)
-        assert timed == 8  # one warm-up and three timed calls each
         for batch in (33, 64):  # the same bucket: no new timing
             assert choose_schedule("k", "key", "slow", candidates, modelled, X, batch, cache)
         assert len(calls) == timed
         choose_schedule("k", "key", "slow", candidates, modelled, X, 65, cache)
-    assert len(calls) == 2 * timed
+    assert len(calls) > timed and calls.count(0.004) == 14
     info = cache.info()
     assert (info.measurements, info.hits, info.currsize) == (2, 2, 2)
     key, chosen, timings = cache.choices()[0]
@@ -74,7 +74,7 @@ def test_candidates_the_cost_model_rules_out_are_never_timed():
         chosen = choose_schedule(
             "k", "key", "a", candidates, {"a": 1.0, "b": 2.0, "c": 100.0}, X, 4, cache
         )
-    assert chosen in ("a", "b") and len(calls) == 8
+    assert chosen in ("a", "b") and set(calls) == {0.0}
 
 
 def test_the_cache_is_bounded_and_the_switch_is_validated():
