@@ -3,8 +3,10 @@
 Run ``python -m factorized_layers.demo`` (the ``demo`` extra brings scikit-learn, whose
 ``load_digits`` ships 1,797 real 8x8 handwritten digits: no download). It trains a small
 CNN, converts every convolution and linear layer in place with
-``factorize_(model, Budget(params=f))`` for several budgets ``f`` (CP convolutions,
-low-rank linears, ranks allocated across layers), prints the conversion report, the test
+``factorize_(model, Budget(params=f), example_inputs=[test images], min_speedup=1.0)``
+for several budgets ``f`` (CP convolutions, low-rank linears, ranks allocated across
+layers; a layer that would run slower than dense at the test batch stays dense, with the
+measured ratio in the report), prints the conversion report, the test
 accuracy of the dense / converted / fine-tuned model, the parameter ratio and the
 measured forward-time ratio, saves the last model with ``save_factorized`` and reloads it
 into a freshly built dense CNN with ``load_factorized``, and saves ``demo_accuracy.png``
@@ -15,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import tempfile
-import time
 from typing import Sequence, Tuple
 
 import torch
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .checkpoint import load_factorized, save_factorized
 from .convert import factorize_
 from .ranks import Budget
+from .schedule import interleaved_medians
 
 __all__ = ["main", "load_digits_split", "build_cnn", "train", "accuracy", "count_parameters"]
 
@@ -98,28 +99,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def _speedup(reference: nn.Module, candidate: nn.Module, x, repeats: int) -> float:
-    """Median time of ``reference`` over median time of ``candidate``.
-
-    ``repeats`` interleaved rounds; each round times one block of calls per model,
-    long enough (about 20 ms) that a single scheduler hiccup does not decide it.
-    """
-    models = (reference, candidate)
-    calls = []
-    for model in models:  # warm-up, then calls per block
-        start = time.perf_counter()
-        model(x)
-        calls.append(max(1, math.ceil(0.02 / max(time.perf_counter() - start, 1e-6))))
-    times = ([], [])
-    for _ in range(repeats):
-        for model, n, samples in zip(models, calls, times):
-            start = time.perf_counter()
-            for _ in range(n):
-                model(x)
-            samples.append((time.perf_counter() - start) / n)
-    ref, cand = (sorted(samples)[repeats // 2] for samples in times)
-    return ref / cand
+    """Median time of ``reference`` over median time of ``candidate``, from ``repeats``
+    interleaved rounds of about 20 ms each (so one scheduler hiccup does not decide)."""
+    medians = interleaved_medians(
+        {"reference": lambda: reference(x), "candidate": lambda: candidate(x)},
+        x.device,
+        rounds=repeats,
+        min_round_seconds=0.02,
+    )
+    return medians["reference"] / medians["candidate"]
 
 
 def _plot(rows, dense_params: int, dense_acc: float, path: str) -> None:
@@ -167,8 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, models = [], []
     for fraction in budgets:
         model = copy.deepcopy(dense)
-        report = factorize_(model, rank=Budget(params=fraction), progress=False, seed=args.seed)
-        print(f"factorize_(model, Budget(params={fraction})):\n{report}\n")
+        # Timed at the test batch: a layer that would run slower than dense stays dense.
+        report = factorize_(model, rank=Budget(params=fraction), example_inputs=[x_test],
+                            min_speedup=1.0, progress=False, seed=args.seed)  # fmt: skip
+        print(f"factorize_(model, Budget(params={fraction}), min_speedup=1.0):\n{report}\n")
         converted = accuracy(model, x_test, y_test)
         train(model, x_train, y_train, tune_epochs, 5e-4, args.seed, f"fine-tune {fraction}")
         rows.append(

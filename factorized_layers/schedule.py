@@ -45,6 +45,7 @@ __all__ = [
     "ScheduleCacheInfo",
     "choose_schedule",
     "default_schedule_cache",
+    "interleaved_medians",
     "measured_schedules",
     "measured_schedules_enabled",
     "measuring",
@@ -210,17 +211,22 @@ def choose_schedule(
     chosen = cache.get(full_key)
     if chosen is not None:
         return chosen
-    timings = _interleaved_medians({name: candidates[name] for name in kept}, operand.device)
+    timings = interleaved_medians({name: candidates[name] for name in kept}, operand.device)
     chosen = min(timings, key=timings.__getitem__)
     cache.put(full_key, chosen, timings)
     return chosen
 
 
-def _interleaved_medians(runs: Mapping[str, Callable[[], Any]], device: torch.device) -> dict:
-    """Median seconds per call of each run over :data:`_ROUNDS` interleaved rounds.
+def interleaved_medians(
+    runs: Mapping[str, Callable[[], Any]],
+    device: torch.device,
+    rounds: int = _ROUNDS,
+    min_round_seconds: float = _MIN_ROUND_SECONDS,
+) -> dict:
+    """Median seconds per call of each run over ``rounds`` interleaved rounds (no grad).
 
     Interleaving spreads a load change on a shared machine over every candidate; a
-    round repeats a call that takes less than :data:`_MIN_ROUND_SECONDS`.
+    round repeats a call that takes less than ``min_round_seconds`` (at most 1000 times).
     """
 
     def timed(run: Callable[[], Any], calls: int) -> float:
@@ -238,9 +244,9 @@ def _interleaved_medians(runs: Mapping[str, Callable[[], Any]], device: torch.de
         for name, run in runs.items():
             run()  # warm-up: allocator, plans, caches
             once = max(timed(run, 1), 1e-7)
-            calls[name] = max(1, min(100, int(_MIN_ROUND_SECONDS / once)))
+            calls[name] = max(1, min(1000, int(min_round_seconds / once)))
         samples: dict = {name: [] for name in runs}
-        for _ in range(_ROUNDS):
+        for _ in range(rounds):
             for name, run in runs.items():
                 samples[name].append(timed(run, calls[name]))
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -13,8 +13,10 @@ from ..calibrate import InputStats
 from ..ranks import EVBMF, POLICY_TYPES, Budget, check_positive
 from ..registry import capabilities_of, registered_layers
 from ..sequential import CacheLimitError, Sequential, Target, sequential_convert
+from ..sources import source_for
 from .auto import (
     AUTO,
+    _speedup,
     auto_mapping,
     calibrated_targets,
     choose_families,
@@ -40,6 +42,7 @@ from .ties import factor_ties, tied_groups
 from .walk import (
     _check_patterns,
     _collect_targets,
+    _meta_twin,
     _parents,
     _progress,
     _read_by_parent,
@@ -67,6 +70,7 @@ def factorize_(
     layer_options: Mapping[type, Mapping[str, Any]] | None = None,
     example_inputs: Iterable[Any] | None = None,
     allow_slower: bool = False,
+    min_speedup: float = 1.0,
     **options: Any,
 ) -> FactorizationReport:
     """Replace the dense layers of ``model`` by factorized ones, in place.
@@ -126,11 +130,19 @@ def factorize_(
             ``from_dense`` only, e.g. ``{CPConv2d: {"n_iter": 300}}`` (options mean
             different things per class: ``n_iter`` is power iterations for SVD, HOOI
             sweeps for Tucker, ALS sweeps for CP).
-        example_inputs: ``layers="auto"``: batches (as for ``calibration``; default the
-            calibration batches) whose first one gives each layer's input shape for the
-            speed guard: a family whose forward is slower than the dense layer's at
-            that shape is not chosen. Without them candidates are judged by FLOPs.
-        allow_slower: ``layers="auto"``: turn the speed guard off.
+        example_inputs: Batches (as for ``calibration``) whose first one gives each
+            layer's input shape for the speed guard: each planned layer (with
+            ``layers="auto"``: each candidate family) is timed against the dense layer
+            at that shape, on the layer's device, and one that would run below
+            ``min_speedup`` times the dense speed stays dense, with the measured
+            ratio as the reason in the report (whose ``speedup`` column shows every
+            converted layer's). With ``layers="auto"`` the calibration batches serve
+            when this is ``None``; otherwise no speed is measured. A ``Budget`` is
+            allocated first: a layer the guard keeps dense keeps its parameters
+            (``layers="auto"`` guards before allocating).
+        allow_slower: Turn the speed guard off.
+        min_speedup: Least dense-time / factorized-time ratio a converted layer must
+            reach at its example input (default 1.0: never slower than dense).
         **options: Passed to every ``from_dense`` (e.g. ``seed=``; with
             ``layers="auto"``, to each candidate that takes them).
 
@@ -160,6 +172,12 @@ def factorize_(
             f"{type(model).__name__}: use {root_target.__name__}.from_dense(layer, rank)"
         )
     multiple_of = check_positive("multiple_of", multiple_of)
+    if (
+        isinstance(min_speedup, bool)
+        or not isinstance(min_speedup, numbers.Real)
+        or not 0 < min_speedup < float("inf")
+    ):
+        raise ValueError(f"min_speedup must be a positive finite number, got {min_speedup!r}")
     if not (isinstance(rank, numbers.Real) and not isinstance(rank, bool)) and not isinstance(
         rank, POLICY_TYPES
     ):
@@ -227,11 +245,12 @@ def factorize_(
             model, calibrated_targets(targets) if auto else targets, calibration, with_sensitivity
         )
     )
+    speed_floor = None if allow_slower else min_speedup
     if auto:
         return _convert_auto(
             model, targets, targets_to_rank, skips, followers, rank, stats, options,
             layer_options, example_inputs if example_inputs is not None else calibration,
-            allow_slower, allow_larger, show=len(targets) >= 20 if progress is None else progress,
+            speed_floor, allow_larger, show=len(targets) >= 20 if progress is None else progress,
         )  # fmt: skip
     per_layer_options = _per_layer_options(targets, options, layer_options, stats)
     ranked = dict(
@@ -268,6 +287,8 @@ def factorize_(
         )
         for (fqn, module, layer_cls), spec, layer_options in zip(targets, specs, per_layer_options)
     ]
+    if example_inputs is not None and speed_floor is not None:
+        _guard_speed(model, plans, followers, example_inputs, speed_floor)
     if config is not None:
         try:
             return _convert_sequentially(model, calibration, plans, config, allow_larger)
@@ -299,7 +320,7 @@ def _convert_auto(
     options: Mapping[str, Any],
     layer_options: Mapping[type, Mapping[str, Any]] | None,
     example_inputs: Iterable[Any] | Mapping[str, InputStats] | None,
-    allow_slower: bool,
+    min_speedup: float | None,
     allow_larger: bool,
     show: bool,
 ) -> FactorizationReport:
@@ -317,7 +338,7 @@ def _convert_auto(
     batches = None if isinstance(example_inputs, Mapping) else example_inputs
     shapes = input_shapes(model, [fqn for fqn, _, _ in ranked], batches)
     choices = choose_families(
-        ranked, rank, options, layer_options, stats, sensitivities, shapes, allow_slower
+        ranked, rank, options, layer_options, stats, sensitivities, shapes, min_speedup
     )
     plans, prebuilt = [], {}
     for fqn, module, _ in targets:
@@ -333,6 +354,35 @@ def _convert_auto(
             prebuilt[fqn] = choice.layer
         plans.append((fqn, module, layer_cls, None, {}, row))
     return _convert_in_one_pass(model, plans, stats, False, allow_larger, show, followers, prebuilt)
+
+
+def _guard_speed(
+    model: nn.Module,
+    plans: List[tuple],
+    followers: Mapping[str, str],
+    example_inputs: Iterable[Any],
+    min_speedup: float,
+) -> None:
+    """Time every planned layer at its example input; keep dense those below ``min_speedup``.
+
+    The layer is built from its meta plan's structure with fresh values (speed does
+    not depend on them) on the dense layer's device and dtype.
+    """
+    planned = [p for p in plans if p[5].skipped is None and p[0] not in followers]
+    shapes = input_shapes(model, [p[0] for p in planned], example_inputs)
+    for fqn, module, layer_cls, spec, layer_options, row in planned:
+        if fqn not in shapes or source_for(module).dense_flops(module) == 0:
+            continue
+        structural = {k: v for k, v in layer_options.items() if k != "calibration"}
+        shell = layer_cls.from_dense(_meta_twin(module), spec, **structural)
+        weight = module.weight
+        layer = layer_cls.from_config(shell.get_config(), device=weight.device, dtype=weight.dtype)
+        row.speedup = _speedup(module, layer, shapes[fqn])
+        if row.speedup < min_speedup:
+            row.skipped = (
+                f"kept dense: {row.speedup:.2f}x dense speed at input {shapes[fqn][0]} "
+                f"(min_speedup={min_speedup})"
+            )
 
 
 def _tied_row(fqn: str, module: nn.Module, owner: str) -> LayerReport:

@@ -19,7 +19,8 @@ Two stages, both decided before the model changes:
 
 Before both, the speed guard (when example inputs give a layer's input shape, unless
 ``allow_slower``) drops each family whose forward at that shape, at the rank the spec
-gives it, is slower than the dense layer's; a layer left without families stays dense.
+gives it, runs below ``min_speedup`` times the dense layer's speed; a layer left without
+families stays dense.
 
 The report's note says what was chosen and why.
 """
@@ -29,8 +30,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ from ..calibrate import InputStats, check_batch, run_batch
 from ..decompose import relative_output_error, whitening_cache
 from ..ranks import Budget, RankProfile, allocate_budget, select_rank
 from ..registry import capabilities_of, registered_layers
+from ..schedule import interleaved_medians
 from ..sources import source_for
 from .plan import _hedged, _params, _Skip
 
@@ -239,42 +240,24 @@ def input_shapes(
     return shapes
 
 
-def _calls_per_block(fn: Callable[[], Any], seconds: float) -> int:
-    fn()  # warm-up (allocations, plans)
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    return max(1, min(1000, int(seconds / once)))
-
-
 def _speedup(
     module: nn.Module, layer: nn.Module, shape: Tuple[Tuple[int, ...], torch.dtype]
 ) -> float:
     """Dense time / factorized time at the layer's input shape.
 
-    Medians over 7 interleaved rounds of blocks of about 3 ms each, so that load on a
-    shared machine hits both sides alike.
+    Medians over 7 interleaved rounds of about 3 ms each, so that load on a shared
+    machine hits both sides alike.
     """
     size, dtype = shape
     device = module.weight.device
     x = torch.randn(size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    samples: Dict[str, List[float]] = {"dense": [], "factorized": []}
-    with torch.no_grad():
-        calls = {
-            "dense": (module, _calls_per_block(lambda: module(x), 0.003)),
-            "factorized": (layer, _calls_per_block(lambda: layer(x), 0.003)),
-        }
-        for _ in range(7):
-            for name, (candidate, count) in calls.items():
-                sync()
-                start = time.perf_counter()
-                for _ in range(count):
-                    candidate(x)
-                sync()
-                samples[name].append((time.perf_counter() - start) / count)
-    dense, factorized = (sorted(samples[k])[3] for k in ("dense", "factorized"))
-    return dense / factorized
+    medians = interleaved_medians(
+        {"dense": lambda: module(x), "factorized": lambda: layer(x)},
+        device,
+        rounds=7,
+        min_round_seconds=0.003,
+    )
+    return medians["dense"] / medians["factorized"]
 
 
 # Every family's profile and fit of a layer whiten with the same Gram: one eigh each.
@@ -287,7 +270,7 @@ def choose_families(
     stats: Mapping[str, InputStats],
     sensitivities: List[float] | None,
     shapes: Mapping[str, Tuple[Tuple[int, ...], torch.dtype]],
-    allow_slower: bool,
+    min_speedup: float | None,
 ) -> Dict[str, Choice]:
     """Pick the family and rank of every target (see the module docstring).
 
@@ -305,7 +288,8 @@ def choose_families(
         stats: Calibration statistics by name.
         sensitivities: Per-target weights of the budget (``None``: unweighted).
         shapes: Input shapes for the speed guard (a target without one is judged by FLOPs).
-        allow_slower: Turn the speed guard off.
+        min_speedup: Least speed relative to the dense layer a family must reach at
+            the target's input shape (``None``: no speed guard).
 
     Returns:
         ``{fqn: Choice}``.
@@ -321,11 +305,11 @@ def choose_families(
             profile = _profile(layer_cls, module, layer_opts, hedge)
             label = _label(layer_cls, variant)
             guarded = fqn in shapes and source_for(module).dense_flops(module) > 0
-            if guarded and not allow_slower:
+            if guarded and min_speedup is not None:
                 speedup = _speedup(
                     module, _shell(layer_cls, module, rank, profile, layer_opts), shapes[fqn]
                 )
-                if speedup < 1.0:
+                if speedup < min_speedup:
                     excluded.append(f"{label}: {speedup:.2f}x dense speed")
                     continue
             entries.append((label, layer_cls, layer_opts, profile))

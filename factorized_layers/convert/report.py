@@ -37,6 +37,9 @@ class LayerReport:
     output_error_before: float | None = None
     """Sequential calibration: the held-out output error without error compensation."""
     note: str | None = None
+    speedup: float | None = None
+    """Dense time / factorized time at the example input given to ``factorize_``
+    (``None`` when not measured)."""
 
 
 @dataclasses.dataclass
@@ -89,6 +92,8 @@ class FactorizationReport:
         header = ("layer", "type", "shape", "rank", "params", "FLOPs/pos", "weight err")
         header += ("output err",) if calibrated else ()
         header += ("uncompensated",) if compensated else ()
+        timed = any(row.speedup is not None for row in self.layers)
+        header += ("speed vs dense",) if timed else ()
         header += ("note",)
         rows = [header]
         for row in self.layers:
@@ -110,6 +115,8 @@ class FactorizationReport:
                 cells += (_fmt(row.output_error),)
             if compensated:
                 cells += (_fmt(row.output_error_before),)
+            if timed:
+                cells += ("-" if row.speedup is None else f"{row.speedup:.2f}x",)
             rows.append(cells + (row.skipped or row.note or "",))
         ratio = self.params_before / max(self.params_after, 1)
         totals = (

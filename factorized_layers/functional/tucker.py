@@ -522,7 +522,7 @@ def _chunked_rotation_chain(
 def _chunk_rows(plan: TuckerPlan, element_size: int) -> int:
     """A power of two of rows whose widest chain intermediate fits :data:`_CHUNK_BYTES`."""
     widest = max(plan.in_features, plan.out_features, plan.rows, plan.columns)
-    rows = max(_CHUNK_BYTES // (widest * element_size), 16)
+    rows = max(_CHUNK_BYTES // (widest * element_size), 64)
     return 1 << (rows.bit_length() - 1)
 
 

@@ -413,3 +413,19 @@ def test_factorize_converts_a_model_with_ttlinear():
     factorize_(model, 0.5, layers={nn.Linear: TTLinear})
     assert all(isinstance(model[i], TTLinear) for i in (0, 2))
     assert model(x).shape == (4, 16)
+
+
+@pytest.mark.parametrize("batch", [1, 600])
+def test_every_schedule_computes_the_dense_product(batch):
+    # 600 rows of a 1536-wide layer run the core chains in blocks of rows.
+    from factorized_layers.functional.tt import TT_SCHEDULES, _block_rows, tt_linear
+
+    torch.manual_seed(0)
+    layer = TTLinear(384, 1536, rank=(16,), in_shape=(16, 24), out_shape=(48, 32),
+                     dtype=torch.float64)  # fmt: skip
+    assert _block_rows(layer._plan, 8) * 2 <= 600  # blocks of 64 rows (the least)
+    x = torch.randn(batch, 384, dtype=torch.float64)
+    expected = torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
+    for schedule in TT_SCHEDULES:
+        got = tt_linear(x, layer.cores(), layer.bias, plan=layer._plan, schedule=schedule)
+        torch.testing.assert_close(got, expected, msg=schedule)
