@@ -539,3 +539,42 @@ def test_per_class_options_and_clear_error_for_options_that_do_not_apply():
         factorize_(nn.Sequential(nn.Linear(20, 20)), 4, calibration=data, seed=0)
     with pytest.raises(ValueError, match="layer_options keys must be registered layer classes"):
         factorize_(ToyMLP(), 4, layer_options={nn.Linear: {}})
+
+
+def _speed_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+
+
+def test_min_speedup_keeps_dense_what_would_be_slower_and_says_why():
+    model = _speed_model()
+    x = torch.randn(7, 32)
+    expected = model(x)
+    report = factorize_(model, 0.5, example_inputs=[x], min_speedup=1e6, progress=False)
+    assert all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
+    assert torch.equal(model(x), expected)
+    reasons = [row.skipped for row in report.layers]
+    assert "at input (7, 32) (min_speedup=1000000.0)" in reasons[0]
+    assert "at input (7, 64) (min_speedup=1000000.0)" in reasons[1]
+    assert all(row.speedup is not None and row.speedup > 0 for row in report.layers)
+    assert "speed vs dense" in str(report)
+
+
+def test_min_speedup_converts_what_is_fast_enough_and_allow_slower_times_nothing():
+    model = _speed_model()
+    x = torch.randn(7, 32)
+    report = factorize_(model, 0.5, example_inputs=[x], min_speedup=1e-9, progress=False)
+    assert isinstance(model[0], SVDLinear) and isinstance(model[2], SVDLinear)
+    assert all(row.speedup is not None for row in report.layers)
+    model = _speed_model()
+    report = factorize_(model, 0.5, example_inputs=[x], min_speedup=1e6, allow_slower=True,
+                        progress=False)  # fmt: skip
+    assert isinstance(model[0], SVDLinear)
+    assert all(row.speedup is None for row in report.layers)
+    assert "speed vs dense" not in str(report)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_min_speedup_is_validated(bad):
+    with pytest.raises(ValueError, match="min_speedup must be a positive finite number"):
+        factorize_(_speed_model(), 0.5, min_speedup=bad, progress=False)
