@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from factorized_layers import CPConv2d, SVDLinear, TuckerLinear
+from factorized_layers import CPConv2d, SVDLinear, TuckerLinear, factorize_
 
 from .report import Section, Table, fmt_ratio, fmt_time
 from .timing import status_kib
@@ -72,6 +72,15 @@ QUICK_CASES: List[dict] = [
     },
     {"layer": "CPConv2d", "shape": [32, 32, 3, 3], "rank": 0.1, "options": {"seed": 0}},
 ]
+CONVERSIONS: List[dict] = [
+    {"layers": 24, "width": 4096, "rank": 0.1, "streaming": streaming,
+     "options": {"method": "randomized", "seed": 0}}
+    for streaming in (False, True)
+]  # fmt: skip
+QUICK_CONVERSIONS: List[dict] = [
+    {"layers": 4, "width": 512, "rank": 0.1, "streaming": streaming, "options": {"seed": 0}}
+    for streaming in (False, True)
+]  # fmt: skip
 WARM_UP_SHAPES = {
     "SVDLinear": ([64, 64], {}),
     "TuckerLinear": ([64, 64], {"in_shape": [4, 4, 4], "out_shape": [4, 4, 4]}),
@@ -132,8 +141,51 @@ def _peak_meter(device: str) -> Tuple[str, Callable[[], None], Callable[[], int]
     return "ru_maxrss increase", start_rusage, stop_rusage
 
 
+def _stack(layers: int, width: int, device: str) -> nn.Sequential:
+    """``layers`` Linears of ``width`` built on meta, then materialised one at a time
+    (as a loader would), initialised like ``nn.Linear``."""
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    generator = torch.Generator().manual_seed(0)
+    for index, layer in enumerate(model):
+        model[index] = layer.to_empty(device=device)
+        with torch.no_grad():
+            bound = width**-0.5
+            for parameter in model[index].parameters():
+                values = torch.rand(parameter.shape, generator=generator) * 2 - 1
+                parameter.copy_(values * bound)
+    return model
+
+
+def conversion_child(case: dict, device: str) -> dict:
+    """``factorize_`` of a materialised stack, plain or streaming: peak bytes, seconds."""
+    factorize_(_stack(2, 64, device), case["rank"], progress=False)  # warm-up
+    model = _stack(case["layers"], case["width"], device)
+    method, start, stop = _peak_meter(device)
+    gc.collect()
+    start()
+    began = time.perf_counter()
+    report = factorize_(
+        model, case["rank"], streaming=case["streaming"], progress=False, **case["options"]
+    )
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - began
+    peak = stop()
+    return {
+        "method": method,
+        "peak_bytes": peak,
+        "seconds": seconds,
+        "layer_bytes": case["width"] ** 2 * 4,
+        "model_bytes": case["layers"] * case["width"] ** 2 * 4,
+        "kept": report.params_after / report.params_before,
+    }
+
+
 def child(case: dict, device: str) -> dict:
     """Measure one case in this process (call it in a fresh one): bytes, seconds, error."""
+    if "streaming" in case:
+        return conversion_child(case, device)
     convert = _converter(case["layer"])
     warm_shape, warm_options = WARM_UP_SHAPES[case["layer"]]
     warm_options = {**case["options"], **warm_options}
@@ -230,12 +282,49 @@ def table(results: Sequence[Tuple[dict, dict]], device: str, threads: int) -> Ta
     return out
 
 
+def conversion_table(results: Sequence[Tuple[dict, dict]], device: str, threads: int) -> Table:
+    """One row per conversion case (plain vs streaming)."""
+    methods = sorted({r["method"] for _, r in results if "method" in r})
+    out = Table(
+        f"Peak extra memory of `factorize_` on {device} ({', '.join(methods) or '-'}) of a stack "
+        "of Linears built on meta and materialised layer by layer, each case in a fresh "
+        f"subprocess with {threads} thread(s): all layers built, then swapped (plain) vs "
+        "swapped one at a time with the dense weight released (`streaming=True`).",
+        ["model", "mode", "rank", "kept", "largest layer", "peak increase",
+         "peak / largest layer", "time"],
+    )  # fmt: skip
+    for case, r in results:
+        label = f"{case['layers']} x Linear({case['width']}, {case['width']})"
+        mode = "streaming" if case["streaming"] else "plain"
+        if "failed" in r:
+            out.add(label, mode, case["rank"], "-", "-", f"failed: {r['failed']}", "-", "-")
+            continue
+        out.add(
+            label, mode, case["rank"], f"{r['kept']:.3f}", f"{r['layer_bytes'] / MIB:.0f} MiB",
+            f"{r['peak_bytes'] / MIB:.1f} MiB", f"{r['peak_bytes'] / r['layer_bytes']:.2f}",
+            fmt_time(r["seconds"]),
+        )  # fmt: skip
+    return out
+
+
 def section(quick: bool, device: str) -> Section:
-    """The table and, when both SVD paths ran, a randomized-vs-full headline."""
-    result = Section("memory", "Peak memory of from_dense on large layers")
+    """The tables and, when both SVD paths ran, a randomized-vs-full headline."""
+    result = Section("memory", "Peak memory of from_dense on large layers and of factorize_")
     threads = torch.get_num_threads()
     results = measure(QUICK_CASES if quick else CASES, device, threads)
     result.tables.append(table(results, device, threads))
+    conversions = [
+        (case, run_case(case, device, threads))
+        for case in (QUICK_CONVERSIONS if quick else CONVERSIONS)
+    ]
+    result.tables.append(conversion_table(conversions, device, threads))
+    streamed = [r for c, r in conversions if c["streaming"] and "failed" not in r]
+    if streamed:
+        worst = max(r["peak_bytes"] / r["layer_bytes"] for r in streamed)
+        result.headline.append(
+            f"factorize_(streaming=True) of {conversions[-1][0]['layers']} Linears: peak extra "
+            f"memory {worst:.2f}x the largest layer's dense weight."
+        )
     svd: Dict[str, dict] = {
         case["options"]["method"]: r
         for case, r in results

@@ -578,3 +578,66 @@ def test_min_speedup_converts_what_is_fast_enough_and_allow_slower_times_nothing
 def test_min_speedup_is_validated(bad):
     with pytest.raises(ValueError, match="min_speedup must be a positive finite number"):
         factorize_(_speed_model(), 0.5, min_speedup=bad, progress=False)
+
+
+def _stack(width=48, depth=5):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def test_streaming_converts_like_one_pass_and_frees_each_dense_weight_once_replaced(
+    monkeypatch,
+):
+    import weakref
+
+    import factorized_layers.convert.api as api
+
+    reference, streamed = _stack(), _stack()
+    factorize_(reference, 0.3, progress=False)
+    weights = [weakref.ref(m.weight) for m in streamed if isinstance(m, nn.Linear)]
+    alive_when_built = []
+    real_build = api._build
+
+    def build(*args, **kwargs):
+        alive_when_built.append([w() is not None for w in weights])
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_build", build)
+    report = factorize_(streamed, 0.3, streaming=True, progress=False)
+    # When layer k is decomposed, the dense weights of layers 0..k-1 are gone already.
+    assert alive_when_built == [[i >= k for i in range(5)] for k in range(5)]
+    assert all(w() is None for w in weights)
+    assert len(report.replaced) == 5
+    x = torch.randn(3, 48)
+    assert torch.equal(streamed(x), reference(x))
+
+
+def test_an_interrupted_streaming_conversion_leaves_whole_layers(monkeypatch):
+    import factorized_layers.convert.api as api
+
+    model = _stack()
+    real_build = api._build
+    calls = {"n": 0}
+
+    def build(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_build", build)
+    with pytest.raises(KeyboardInterrupt):
+        factorize_(model, 0.3, streaming=True, progress=False)
+    kinds = [type(m) for m in model if not isinstance(m, nn.ReLU)]
+    assert kinds == [SVDLinear, SVDLinear, nn.Linear, nn.Linear, nn.Linear]
+    assert torch.isfinite(model(torch.randn(3, 48))).all()
+
+
+def test_streaming_is_validated():
+    with pytest.raises(TypeError, match="streaming must be a bool"):
+        factorize_(_stack(), 0.3, streaming=1, progress=False)
+    with pytest.raises(ValueError, match="not with layers='auto'"):
+        factorize_(_stack(), 0.3, streaming=True, layers="auto", progress=False)

@@ -46,6 +46,7 @@ from .walk import (
     _parents,
     _progress,
     _read_by_parent,
+    _swap,
     _swap_all,
     _swapping,
     _target_class,
@@ -71,6 +72,7 @@ def factorize_(
     example_inputs: Iterable[Any] | None = None,
     allow_slower: bool = False,
     min_speedup: float = 1.0,
+    streaming: bool = False,
     **options: Any,
 ) -> FactorizationReport:
     """Replace the dense layers of ``model`` by factorized ones, in place.
@@ -143,6 +145,15 @@ def factorize_(
         allow_slower: Turn the speed guard off.
         min_speedup: Least dense-time / factorized-time ratio a converted layer must
             reach at its example input (default 1.0: never slower than dense).
+        streaming: Swap each layer in as soon as its decomposition is done and release
+            the replaced dense module's parameters (set to ``None``; their memory is
+            freed unless held elsewhere), so peak extra memory is about one layer's
+            rather than every new layer's. The conversion is then no longer all or
+            nothing: an exception or interrupt part-way leaves the layers converted so
+            far converted (each swap is whole: every layer is either its dense
+            original, untouched, or its factorized replacement) and the rest dense,
+            and no report is returned. Not with ``layers="auto"`` or sequential
+            calibration. Weight-tied layers are swapped last, together.
         **options: Passed to every ``from_dense`` (e.g. ``seed=``; with
             ``layers="auto"``, to each candidate that takes them).
 
@@ -246,6 +257,13 @@ def factorize_(
         )
     )
     speed_floor = None if allow_slower else min_speedup
+    if not isinstance(streaming, bool):
+        raise TypeError(f"streaming must be a bool, got {type(streaming).__name__}")
+    if streaming and (auto or config is not None):
+        raise ValueError(
+            "streaming=True converts in one pass layer by layer: not with layers='auto' "
+            "or sequential calibration (pass sequential=False)"
+        )
     if auto:
         return _convert_auto(
             model, targets, targets_to_rank, skips, followers, rank, stats, options,
@@ -302,11 +320,13 @@ def factorize_(
                 model, rank, filter_fn=filter_fn, include=include, exclude=exclude,
                 layers=layers, multiple_of=multiple_of, allow_larger=allow_larger,
                 progress=progress, calibration=calibration, sequential=False,
-                layer_options=layer_options, **options,
+                layer_options=layer_options, example_inputs=example_inputs,
+                allow_slower=allow_slower, min_speedup=min_speedup, **options,
             )  # fmt: skip
     return _convert_in_one_pass(
-        model, plans, stats, calibration is not None, allow_larger, show, followers
-    )
+        model, plans, stats, calibration is not None, allow_larger, show, followers,
+        streaming=streaming,
+    )  # fmt: skip
 
 
 def _convert_auto(
@@ -402,13 +422,18 @@ def _convert_in_one_pass(
     show: bool,
     followers: Mapping[str, str],
     prebuilt: Mapping[str, nn.Module] | None = None,
+    streaming: bool = False,
 ) -> FactorizationReport:
     """Build every planned layer from the dense model, then swap them all in.
 
     ``prebuilt`` layers (chosen by ``layers="auto"``) are used as they are. Followers
-    of a weight tie are built last, from their owner's new layer.
+    of a weight tie are built last, from their owner's new layer. With ``streaming``
+    each layer (but weight-tied ones, which go last) is swapped in as soon as it is
+    built and its dense module's parameters are released.
     """
     swaps, built = [], {}
+    parents = _parents(model)
+    tied = set(followers) | set(followers.values())
     for fqn, module, layer_cls, spec, layer_options, row in _progress(plans, show):
         if row.skipped is None and fqn not in followers:
             if prebuilt and fqn in prebuilt:
@@ -427,8 +452,12 @@ def _convert_in_one_pass(
                         if not capabilities_of(layer_cls).calibration
                         else "not reached by the calibration data"
                     )
-                swaps.append((module, layer))
                 built[fqn] = layer
+                if streaming and fqn not in tied:
+                    _swap(module, layer, parents.get(id(module), []))
+                    _release(module)
+                else:
+                    swaps.append((module, layer))
     for fqn, module, _, _, _, row in plans:
         owner = followers.get(fqn)
         if owner is None:
@@ -442,8 +471,18 @@ def _convert_in_one_pass(
         row.params_after = params
         swaps.append((module, layer))
     rows = [row for *_, row in plans]
-    _swap_all(swaps, _parents(model))
+    _swap_all(swaps, parents)
+    if streaming:
+        for module, _ in swaps:
+            _release(module)
     return FactorizationReport(rows)
+
+
+def _release(module: nn.Module) -> None:
+    """Drop a replaced dense module's parameters (``streaming=True``): their memory is
+    freed unless something else still holds them."""
+    for name in list(module._parameters):
+        module._parameters[name] = None
 
 
 def _check_sequential(sequential: bool | Sequential, calibration: Any) -> Sequential | None:
