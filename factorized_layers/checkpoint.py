@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from .convert.ties import tied_groups
 from .convert.walk import _parents, _swapping
+from .decompose._common import all_finite
 from .quantize import QUANTIZATION_MODES, apply_quantization, quantization_of
 from .registry import registered_layers
 from .sources import source_for
@@ -303,7 +304,7 @@ def _refuse_constant(name: str) -> None:
 
 
 def _check_finite(path: PathLike, key: str, value: torch.Tensor) -> None:
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if value.is_floating_point() and not all_finite(value):
         raise ValueError(
             f"{os.fspath(path)!r}: saved tensor {_short(key)} holds NaN or Inf values; a "
             "checkpoint of a trained model never does (refusing to load it)"

@@ -314,10 +314,11 @@ def _fill_converted_row(
     if reference.device.type != "meta":  # meta weights have no values to compare
         with torch.no_grad():
             approximation = layer.dense_weight().detach()
-            difference = approximation - reference
-            row.weight_error = float(difference.norm() / reference.norm().clamp_min(1e-30))
             if stats is not None and source_for(module).exact_output_error:
                 row.output_error = relative_output_error(reference, approximation, stats.gram)
+            # In place: one weight-sized temporary (streaming conversion is bounded by it).
+            difference = approximation.sub_(reference)
+            row.weight_error = float(difference.norm() / reference.norm().clamp_min(1e-30))
     row.target_type = type(layer).__name__
     row.rank = layer.rank
     row.params_after = _params(layer)

@@ -30,6 +30,7 @@ from ..decompose import (
     whitened_low_rank_factors,
     whitened_singular_values,
 )
+from ..decompose._common import all_finite
 from ..functional._conv import check_padding_mode, conv_padding_pairs, conv_tuple
 from ..functional.svd_conv import check_conv2d_input, run_svd_conv2d_plan, svd_conv2d_plan
 from ..ranks import RankProfile, RankSpec, check_positive, resolve_matrix_rank
@@ -153,7 +154,7 @@ def _kronecker_whitened_factors(
     if weight.device.type == "meta":
         meta = dict(device="meta", dtype=weight.dtype)
         return torch.empty(rows, rank, **meta), torch.empty(rank, cols, **meta)
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError("weight contains NaN/Inf values; a decomposition of them is meaningless")
     whitened = _whitened_matrix(weight, gram, mode, ridge, dtype)
     left = torch.linalg.svd(whitened, full_matrices=False).U[:, :rank]

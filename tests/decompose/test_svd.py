@@ -106,3 +106,18 @@ def test_randomized_path_is_seeded_and_leaves_device_rng_alone(device):
     optimum = svd_tail_error(torch.linalg.svdvals(w.double()), 16)
     approx = (first.U * first.S) @ first.Vh
     assert float((approx - w).norm() / w.norm()) <= 1.01 * optimum
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_finiteness_check_survives_a_sum_that_overflows_and_counts_exactly(dtype):
+    from factorized_layers.decompose._common import _check_finite, all_finite
+
+    big = torch.full((300, 300), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert all_finite(big)  # the sum overflows, the values do not
+    _check_finite(big, "weight")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensor = torch.zeros(2_100_000, dtype=dtype)  # more than one chunk of 2**20
+        tensor[[5, 1_500_000]] = bad
+        assert not all_finite(tensor)
+        with pytest.raises(ValueError, match="contains 2 NaN/Inf value"):
+            _check_finite(tensor, "weight")
