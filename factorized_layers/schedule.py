@@ -55,10 +55,10 @@ __all__ = [
 CANDIDATE_RATIO = 4.0
 """A schedule is timed only if its modelled cost is within this factor of the best."""
 
-_ROUNDS = 5
+_ROUNDS = 7
 """Interleaved timing rounds per candidate (after one warm-up call); the median decides."""
 
-_MIN_ROUND_SECONDS = 1e-3
+_MIN_ROUND_SECONDS = 2e-3
 """A round repeats a faster call until it lasts about this long (timer resolution)."""
 
 _state = threading.local()

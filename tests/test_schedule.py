@@ -53,13 +53,13 @@ def test_the_fastest_candidate_wins_once_per_bucket_and_is_cached():
     modelled = {"slow": 1.0, "fast": 1.0}
     with measured_schedules():
         assert choose_schedule("k", "key", "slow", candidates, modelled, X, 40, cache) == "fast"
-        assert calls.count(0.004) == 7  # warm-up, one call to size rounds, five rounds
+        assert calls.count(0.004) == 9  # warm-up, one call to size rounds, seven rounds
         timed = len(calls)
         for batch in (33, 64):  # the same bucket: no new timing
             assert choose_schedule("k", "key", "slow", candidates, modelled, X, batch, cache)
         assert len(calls) == timed
         choose_schedule("k", "key", "slow", candidates, modelled, X, 65, cache)
-    assert len(calls) > timed and calls.count(0.004) == 14
+    assert len(calls) > timed and calls.count(0.004) == 18
     info = cache.info()
     assert (info.measurements, info.hits, info.currsize) == (2, 2, 2)
     key, chosen, timings = cache.choices()[0]

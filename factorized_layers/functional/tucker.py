@@ -538,8 +538,9 @@ def _measured(default: str, operands) -> str:
     modelled = {"weight_first": weight_first, "rotation": input_first}
     if len(plan.out_modes) == 1 and len(plan.in_modes) == 1:
         modelled["chain"] = modelled.pop("rotation")
-    # Keeping modes in place batches many tiny GEMMs: only worth timing at few rows.
-    elif batch * plan.small_products_per_row <= 16 * _IN_PLACE_MAX_PRODUCTS:
+    # Keeping modes in place batches many tiny GEMMs; it won up to batch 4096 on some
+    # MiniLM shapes (benchmarks/bench_schedule.py), but time it only while bounded.
+    elif batch * plan.small_products_per_row <= 1024 * _IN_PLACE_MAX_PRODUCTS:
         modelled["in_place"] = input_first
     candidates = {name: functools.partial(_SCHEDULES[name], *operands) for name in modelled}
     return choose_schedule("tucker_linear", plan, default, candidates, modelled, input, batch)
