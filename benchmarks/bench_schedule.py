@@ -98,7 +98,7 @@ def tucker_rows(table: Table, cfg: dict, device: str) -> List[Dict[str, float]]:
                 }
                 dense = functools.partial(F.linear, x, weight, layer.bias)
                 speedups = _speedups(dense, runs, cfg, device)
-                label = f"Tucker {n_in}->{n_out} {ranks[:3]}|{ranks[3:]}"
+                label = f"Tucker {n_in}->{n_out} {ranks[:3]}/{ranks[3:]}"
                 default = tucker_linear_schedule(plan, batch)
                 measured = _measured_choice(functools.partial(layer, x))
                 found.append(_row(table, label, batch, speedups, default, measured))
