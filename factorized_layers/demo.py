@@ -139,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small model, fewer epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="demo_accuracy.png", help="PNG path ('' for none)")
+    parser.add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="convert layers even where they would run slower than dense at the test batch",
+    )
     args = parser.parse_args(argv)
 
     width, epochs, tune_epochs, repeats = (8, 4, 1, 10) if args.quick else (32, 15, 3, 30)
@@ -158,8 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = copy.deepcopy(dense)
         # Timed at the test batch: a layer that would run slower than dense stays dense.
         report = factorize_(model, rank=Budget(params=fraction), example_inputs=[x_test],
-                            min_speedup=1.0, progress=False, seed=args.seed)  # fmt: skip
-        print(f"factorize_(model, Budget(params={fraction}), min_speedup=1.0):\n{report}\n")
+                            min_speedup=1.0, allow_slower=args.allow_slower,
+                            progress=False, seed=args.seed)  # fmt: skip
+        guard = "allow_slower=True" if args.allow_slower else "min_speedup=1.0"
+        print(f"factorize_(model, Budget(params={fraction}), {guard}):\n{report}\n")
         converted = accuracy(model, x_test, y_test)
         train(model, x_train, y_train, tune_epochs, 5e-4, args.seed, f"fine-tune {fraction}")
         rows.append(

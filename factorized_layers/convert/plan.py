@@ -316,8 +316,13 @@ def _fill_converted_row(
             approximation = layer.dense_weight().detach()
             if stats is not None and source_for(module).exact_output_error:
                 row.output_error = relative_output_error(reference, approximation, stats.gram)
-            # In place: one weight-sized temporary (streaming conversion is bounded by it).
-            difference = approximation.sub_(reference)
+            # In place (one weight-sized temporary, which bounds a streaming conversion)
+            # unless dense_weight() is a view of a parameter (a fully folded Tucker core).
+            owned = {t.untyped_storage().data_ptr() for t in layer.parameters()}
+            if approximation.untyped_storage().data_ptr() in owned:
+                difference = approximation - reference
+            else:
+                difference = approximation.sub_(reference)
             row.weight_error = float(difference.norm() / reference.norm().clamp_min(1e-30))
     row.target_type = type(layer).__name__
     row.rank = layer.rank

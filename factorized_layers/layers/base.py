@@ -2,7 +2,8 @@
 
 A family (``SVDLinear``, ``TuckerLinear``, ``CPConv1d/2d/3d`` ...) writes only
 
-- its constructor (parameters named by role, ``reset_parameters``) and ``forward``,
+- its constructor (parameters named by role, ``reset_parameters``) and ``forward``
+  (decorated with :func:`names_bad_input`, so input errors name the layer),
 - ``fit_factors`` (classmethod: dense weight -> :class:`Fit`), ``dense_weight``,
   ``flops_per_position``, ``get_config``, ``plain_rank`` (a rank spec from shapes),
 - optionally ``rank_profile`` and ``truncate_factors``, declared in ``capabilities``,
