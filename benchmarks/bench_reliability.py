@@ -52,7 +52,7 @@ BATCH_SIZES = (32, 1, 64, 8, 17)
 # contractions (the cached kind) both run.
 LAYERS = {nn.Conv2d: CPConv2d, nn.Linear: TuckerLinear}
 FULL = {"steps": 10_000, "every": 1_000, "checkpoint_every": 2_000}
-QUICK = {"steps": 400, "every": 100, "checkpoint_every": 200}
+QUICK = {"steps": 200, "every": 100, "checkpoint_every": 100}
 
 
 def tally_tests() -> Dict[str, object]:
@@ -207,7 +207,7 @@ def section(quick: bool, device: str) -> Section:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="no test run, 400-step soak")
+    parser.add_argument("--quick", action="store_true", help="no test run, 200-step soak")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     print(machine_info(args.device))

@@ -220,14 +220,17 @@ def choose_schedule(
 def interleaved_medians(
     runs: Mapping[str, Callable[[], Any]],
     device: torch.device,
-    rounds: int = _ROUNDS,
-    min_round_seconds: float = _MIN_ROUND_SECONDS,
+    rounds: int | None = None,
+    min_round_seconds: float | None = None,
 ) -> dict:
     """Median seconds per call of each run over ``rounds`` interleaved rounds (no grad).
 
     Interleaving spreads a load change on a shared machine over every candidate; a
     round repeats a call that takes less than ``min_round_seconds`` (at most 1000 times).
+    ``None``: :data:`_ROUNDS` and :data:`_MIN_ROUND_SECONDS`.
     """
+    rounds = _ROUNDS if rounds is None else rounds
+    min_round_seconds = _MIN_ROUND_SECONDS if min_round_seconds is None else min_round_seconds
 
     def timed(run: Callable[[], Any], calls: int) -> float:
         if device.type == "cuda":

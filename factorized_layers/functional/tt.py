@@ -376,8 +376,11 @@ def tt_linear(
     layout = plan.layout[0 if schedule == "last_core_first" else 1]
     chain = _CHAINS[schedule, layout]
     x = input.reshape(rows, in_features)
+    # Compiled graphs get one piece (the compiler plans memory; lru_cache is not traced).
+    if shape_free_schedule() or torch.compiler.is_compiling():
+        return chain(x, cores, ins, bias).reshape(*leading, out_features)
     block = _block_rows(plan, input.element_size())
-    if rows < 2 * block or shape_free_schedule() or torch.compiler.is_compiling():
+    if rows < 2 * block:
         return chain(x, cores, ins, bias).reshape(*leading, out_features)
     # Blocks of rows whose intermediates stay in cache (as the Tucker chain does).
     out = x.new_empty(rows, out_features)

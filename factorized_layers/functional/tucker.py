@@ -505,8 +505,11 @@ def _chunked_rotation_chain(
     input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias
 ):
     """:func:`_rotation_chain` on blocks of rows sized by :data:`_CHUNK_BYTES`."""
+    # Compiled graphs get one piece (the compiler plans memory; lru_cache is not traced).
+    if shape_free_schedule() or torch.compiler.is_compiling():
+        return _rotation_chain(input, batch, plan, core, out_factors, in_factors, bias)
     rows = _chunk_rows(plan, input.element_size())
-    if batch < 2 * rows or shape_free_schedule() or torch.compiler.is_compiling():
+    if batch < 2 * rows:
         return _rotation_chain(input, batch, plan, core, out_factors, in_factors, bias)
     flat = input.reshape(batch, plan.in_features)
     output = flat.new_empty(batch, plan.out_features)
