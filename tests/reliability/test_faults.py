@@ -273,3 +273,57 @@ def test_non_finite_calibration_inputs_are_refused_naming_the_layer(bad, sequent
     with pytest.raises(ValueError, match=r"NaN.*'?0'? \(Conv2d\)|0 \(Conv2d\).*NaN"):
         factorize_(model, rank=0.5, calibration=batches, sequential=sequential, progress=False)
     assert record("faults injected", unchanged(model, before))
+
+
+# The per-layer step each operation runs before its swaps: truncation refits the
+# factors, unfactorize_ rebuilds the dense module, load_factorized builds from the plan.
+PER_LAYER_STEPS = {
+    "truncate_": ("truncate_factors", False),
+    "unfactorize_": ("to_dense", False),
+    "load_factorized": ("from_config", True),
+}
+
+
+@pytest.mark.parametrize("operation", list(PER_LAYER_STEPS))
+@pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=type)
+def test_a_fault_in_any_per_layer_step_leaves_the_model_as_it_was(operation, error, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    from factorized_layers import registered_layers
+
+    path = tmp_path / "model.pt"
+    saved = _model(seed=1)
+    factorize_(saved, rank=0.5, progress=False)
+    save_factorized(saved, path)
+    name, is_classmethod = PER_LAYER_STEPS[operation]
+    calls = {"n": 0, "fail_at": 0}
+    for cls in registered_layers():
+        real = getattr(cls, name)
+        real = real.__func__ if is_classmethod else real
+
+        def failing(*args, _real=real, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["fail_at"]:
+                raise error
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, classmethod(failing) if is_classmethod else failing)
+
+    def fresh():
+        model = _model()
+        if operation != "load_factorized":
+            factorize_(model, rank=0.5, progress=False)
+        return model
+
+    OPERATIONS[operation](fresh(), path)
+    total = calls["n"]
+    assert total >= 3
+    for fail_at in range(1, total + 1):
+        calls.update(n=0, fail_at=fail_at)
+        model = fresh()
+        before = snapshot(model)
+        # load_factorized reports a failure to build a layer from the plan (on meta,
+        # before anything real) as a bad plan entry; an interrupt stays one.
+        with pytest.raises((type(error), ValueError)):
+            OPERATIONS[operation](model, path)
+        where = f"{operation}: {name} failing at call {fail_at} of {total}"
+        assert record("faults injected", unchanged(model, before)), where
