@@ -66,8 +66,18 @@ def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor | None, mode: int) -> to
     """
     if matrix is None:
         return tensor
-    moved = tensor.movedim(mode, -1)
-    return (moved @ matrix.mT).movedim(-1, mode)
+    shape = tensor.shape
+    pre, size, post = math.prod(shape[:mode]), shape[mode], math.prod(shape[mode + 1 :])
+    # The mode keeps its place: one GEMM (or one batched GEMM over the modes before it)
+    # on a view, where moving the mode last and back copied the tensor twice per product.
+    view = tensor.reshape(pre, size, post)
+    if pre == 1:
+        result = matrix @ view[0]
+    elif post == 1:
+        result = view[:, :, 0] @ matrix.mT
+    else:
+        result = torch.bmm(matrix.expand(pre, *matrix.shape), view)
+    return result.reshape(*shape[:mode], matrix.shape[0], *shape[mode + 1 :])
 
 
 def tucker_to_tensor(core: torch.Tensor, factors) -> torch.Tensor:
@@ -111,17 +121,24 @@ def _left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """
     rows, cols = matrix.shape
     if cols >= 2 * rows:
-        gram = matrix.double() @ matrix.double().mT
+        wide = matrix.double()  # one float64 copy, not one per operand
+        gram = wide @ wide.mT
         _, vectors = torch.linalg.eigh(gram)
         return vectors.flip(-1)[:, :rank].to(matrix.dtype)
     return torch.linalg.svd(matrix, full_matrices=False).U[:, :rank]
 
 
 def _project_all_but(tensor: torch.Tensor, factors, skip: int) -> torch.Tensor:
-    """``tensor`` multiplied by every factor's transpose except mode ``skip``'s."""
-    for mode, factor in enumerate(factors):
-        if mode != skip:
-            tensor = mode_dot(tensor, factor.mT, mode)
+    """``tensor`` multiplied by every factor's transpose except mode ``skip``'s.
+
+    The modes that shrink the tensor most go first, so later products run on less.
+    """
+    order = sorted(
+        (mode for mode in range(len(factors)) if mode != skip),
+        key=lambda mode: factors[mode].shape[1] / factors[mode].shape[0],
+    )
+    for mode in order:
+        tensor = mode_dot(tensor, factors[mode].mT, mode)
     return tensor
 
 
