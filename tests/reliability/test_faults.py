@@ -7,6 +7,7 @@ every parameter and buffer (bitwise) with its ``requires_grad``, every hook, and
 """
 
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -41,18 +42,57 @@ def _model(seed: int = 0) -> nn.Sequential:
     return model
 
 
-def _failing_swap(monkeypatch, fail_at: int, error: BaseException):
-    real = walk._swap
-    calls = {"n": 0}
+class _Faults:
+    """Counts the calls of every callable it wraps; the ``fail_at``-th raises ``error``.
 
-    def swap(old, new, parents):
-        calls["n"] += 1
-        if calls["n"] == fail_at:
-            raise error
-        real(old, new, parents)
+    ``fail_at`` 0 never raises (a clean run counts the calls); :meth:`arm` restarts the
+    count for the next injection.
+    """
 
-    monkeypatch.setattr(walk, "_swap", swap)
-    return calls
+    def __init__(self, error: BaseException):
+        self.error, self.calls, self.fail_at = error, 0, 0
+
+    def arm(self, fail_at: int) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def wrap(self, real):
+        def failing(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise self.error
+            return real(*args, **kwargs)
+
+        return failing
+
+    def patch(self, monkeypatch, owner, name: str) -> None:
+        """Wrap ``owner.name`` (a classmethod stays a classmethod)."""
+        real = getattr(owner, name)
+        if isinstance(inspect.getattr_static(owner, name), classmethod):
+            monkeypatch.setattr(owner, name, classmethod(self.wrap(real.__func__)))
+        else:
+            monkeypatch.setattr(owner, name, self.wrap(real))
+
+    def patch_every_family(self, monkeypatch, name: str) -> None:
+        """Wrap ``name`` on every registered layer class."""
+        from factorized_layers import registered_layers
+
+        for cls in registered_layers():
+            self.patch(monkeypatch, cls, name)
+
+
+def _saved_checkpoint(path):
+    saved = _model(seed=1)
+    factorize_(saved, rank=0.5, progress=False)
+    save_factorized(saved, path)
+    return path
+
+
+def _fresh(operation: str) -> nn.Sequential:
+    """The model an operation starts from: converted for those that need factorized layers."""
+    model = _model()
+    if operation not in ("factorize_", "load_factorized"):
+        factorize_(model, rank=0.5, progress=False)
+    return model
 
 
 OPERATIONS = {
@@ -67,26 +107,19 @@ OPERATIONS = {
 @pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=type)
 def test_a_fault_at_every_swap_leaves_the_model_as_it_was(operation, error, tmp_path,
                                                             monkeypatch):  # fmt: skip
-    path = tmp_path / "model.pt"
-    saved = _model(seed=1)
-    factorize_(saved, rank=0.5, progress=False)
-    save_factorized(saved, path)
-
-    def fresh():
-        model = _model()
-        if operation in ("unfactorize_", "truncate_"):
-            factorize_(model, rank=0.5, progress=False)
-        return model
-
-    counting = fresh()
-    calls = _failing_swap(monkeypatch, 0, error)  # count the swaps of a clean run
+    path = _saved_checkpoint(tmp_path / "model.pt")
+    faults = _Faults(error)
+    faults.patch(monkeypatch, walk, "_swap")
+    counting = _fresh(operation)
+    faults.arm(0)  # count the swaps of a clean run of the operation alone
     OPERATIONS[operation](counting, path)
-    swaps = calls["n"]
+    swaps = faults.calls
     assert swaps >= 3
     for fail_at in range(1, swaps + 1):
-        model = fresh()
+        faults.arm(0)  # building the model swaps too: not a fault point of this operation
+        model = _fresh(operation)
         before = snapshot(model)
-        _failing_swap(monkeypatch, fail_at, error)
+        faults.arm(fail_at)
         with pytest.raises(type(error)):
             OPERATIONS[operation](model, path)
         assert record("faults injected", unchanged(model, before))
@@ -103,7 +136,9 @@ def test_undoing_a_swap_of_a_static_padding_subclass_does_not_pad_twice(monkeypa
     x = torch.randn(2, 3, 9, 9)
     expected = model(x)
     before = snapshot(model)
-    _failing_swap(monkeypatch, 2, RuntimeError("injected"))
+    faults = _Faults(RuntimeError("injected"))
+    faults.patch(monkeypatch, walk, "_swap")
+    faults.arm(2)
     with pytest.raises(RuntimeError, match="injected"):
         factorize_(model, rank=0.5, progress=False)
     assert record("faults injected", unchanged(model, before))
@@ -147,24 +182,6 @@ def test_a_fault_in_any_calibration_batch_leaves_no_hook_and_no_change(sensitivi
         assert all(p.grad is None for p in model.parameters())
 
 
-def _failing_fits(monkeypatch, fail_at: int, error: BaseException):
-    """Every registered family's ``fit_factors`` counts its calls; the k-th raises."""
-    from factorized_layers import registered_layers
-
-    calls = {"n": 0}
-    for cls in registered_layers():
-        fit = cls.fit_factors.__func__
-
-        def failing(klass, *args, _fit=fit, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == fail_at:
-                raise error
-            return _fit(klass, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "fit_factors", classmethod(failing))
-    return calls
-
-
 def _calibration_batches():
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(8, 3, 6, 6, generator=generator) for _ in range(2)]
@@ -186,14 +203,15 @@ CONVERSIONS = {
 @pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=type)
 def test_a_fault_in_any_decomposition_leaves_the_model_as_it_was(conversion, error,
                                                                    monkeypatch):  # fmt: skip
-    calls = _failing_fits(monkeypatch, 0, error)
+    faults = _Faults(error)
+    faults.patch_every_family(monkeypatch, "fit_factors")
     CONVERSIONS[conversion](_model())
-    fits = calls["n"]
+    fits = faults.calls
     assert fits >= 3
     for fail_at in range(1, fits + 1):
         model = _model()
         before = snapshot(model)
-        _failing_fits(monkeypatch, fail_at, error)
+        faults.arm(fail_at)
         with pytest.raises(type(error)):
             CONVERSIONS[conversion](model)
         survived = unchanged(model, before)
@@ -204,23 +222,15 @@ def test_a_fault_in_any_decomposition_leaves_the_model_as_it_was(conversion, err
 def test_a_linear_algebra_failure_inside_a_decomposition_leaves_the_model_as_it_was(
     linalg, monkeypatch
 ):
-    real = getattr(torch.linalg, linalg)
-    calls = {"n": 0, "fail_at": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == calls["fail_at"]:
-            raise torch.linalg.LinAlgError("injected")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, linalg, failing)
+    faults = _Faults(torch.linalg.LinAlgError("injected"))
+    faults.patch(monkeypatch, torch.linalg, linalg)
     tried = 0
     for name, conversion in CONVERSIONS.items():
-        calls.update(n=0, fail_at=0)
+        faults.arm(0)
         conversion(_model())
-        total = calls["n"]
+        total = faults.calls
         for fail_at in sorted({1, (total + 1) // 2, total}) if total else []:
-            calls.update(n=0, fail_at=fail_at)
+            faults.arm(fail_at)
             model = _model()
             before = snapshot(model)
             with pytest.raises(torch.linalg.LinAlgError, match="injected"):
@@ -236,21 +246,13 @@ def test_a_fault_in_any_calibration_hook_leaves_no_hook_and_no_change(error, mon
     # The package exports the function ``calibrate``, which shadows the module's name.
     calibration = importlib.import_module("factorized_layers.calibrate")
 
-    real = calibration.gram_of
-    calls = {"n": 0, "fail_at": 0}
-
-    def failing(inputs):
-        calls["n"] += 1
-        if calls["n"] == calls["fail_at"]:
-            raise error
-        return real(inputs)
-
-    monkeypatch.setattr(calibration, "gram_of", failing)
+    faults = _Faults(error)
+    faults.patch(monkeypatch, calibration, "gram_of")
     calibration.calibrate(_model(), _calibration_batches())
-    total = calls["n"]
+    total = faults.calls
     assert total >= 6
     for fail_at in range(1, total + 1):
-        calls.update(n=0, fail_at=fail_at)
+        faults.arm(fail_at)
         model = _model()
         before = snapshot(model)
         with pytest.raises((type(error), ValueError)):
@@ -278,9 +280,9 @@ def test_non_finite_calibration_inputs_are_refused_naming_the_layer(bad, sequent
 # The per-layer step each operation runs before its swaps: truncation refits the
 # factors, unfactorize_ rebuilds the dense module, load_factorized builds from the plan.
 PER_LAYER_STEPS = {
-    "truncate_": ("truncate_factors", False),
-    "unfactorize_": ("to_dense", False),
-    "load_factorized": ("from_config", True),
+    "truncate_": "truncate_factors",
+    "unfactorize_": "to_dense",
+    "load_factorized": "from_config",
 }
 
 
@@ -288,38 +290,16 @@ PER_LAYER_STEPS = {
 @pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=type)
 def test_a_fault_in_any_per_layer_step_leaves_the_model_as_it_was(operation, error, tmp_path,
                                                                     monkeypatch):  # fmt: skip
-    from factorized_layers import registered_layers
-
-    path = tmp_path / "model.pt"
-    saved = _model(seed=1)
-    factorize_(saved, rank=0.5, progress=False)
-    save_factorized(saved, path)
-    name, is_classmethod = PER_LAYER_STEPS[operation]
-    calls = {"n": 0, "fail_at": 0}
-    for cls in registered_layers():
-        real = getattr(cls, name)
-        real = real.__func__ if is_classmethod else real
-
-        def failing(*args, _real=real, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == calls["fail_at"]:
-                raise error
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(cls, name, classmethod(failing) if is_classmethod else failing)
-
-    def fresh():
-        model = _model()
-        if operation != "load_factorized":
-            factorize_(model, rank=0.5, progress=False)
-        return model
-
-    OPERATIONS[operation](fresh(), path)
-    total = calls["n"]
+    path = _saved_checkpoint(tmp_path / "model.pt")
+    name = PER_LAYER_STEPS[operation]
+    faults = _Faults(error)
+    faults.patch_every_family(monkeypatch, name)
+    OPERATIONS[operation](_fresh(operation), path)
+    total = faults.calls
     assert total >= 3
     for fail_at in range(1, total + 1):
-        calls.update(n=0, fail_at=fail_at)
-        model = fresh()
+        faults.arm(fail_at)
+        model = _fresh(operation)
         before = snapshot(model)
         # load_factorized reports a failure to build a layer from the plan (on meta,
         # before anything real) as a bad plan entry; an interrupt stays one.
