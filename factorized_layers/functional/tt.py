@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..contract import shape_free_schedule
 from ..ranks.tt import tt_linear_flops
 from ..schedule import choose_schedule, measuring
+from ._blocks import block_rows, in_row_blocks
 from .svd import check_linear_input
 
 __all__ = [
@@ -375,37 +376,22 @@ def tt_linear(
         raise ValueError(f"schedule must be one of {TT_SCHEDULES}, got {schedule!r}")
     layout = plan.layout[0 if schedule == "last_core_first" else 1]
     chain = _CHAINS[schedule, layout]
-    x = input.reshape(rows, in_features)
-    # Compiled graphs get one piece (the compiler plans memory; lru_cache is not traced).
-    if shape_free_schedule() or torch.compiler.is_compiling():
-        return chain(x, cores, ins, bias).reshape(*leading, out_features)
-    block = _block_rows(plan, input.element_size())
-    if rows < 2 * block:
-        return chain(x, cores, ins, bias).reshape(*leading, out_features)
-    # Blocks of rows whose intermediates stay in cache (as the Tucker chain does).
-    out = x.new_empty(rows, out_features)
-    for start in range(0, rows, block):
-        out[start : start + block] = chain(x[start : start + block], cores, ins, bias)
+    out = in_row_blocks(
+        input.reshape(rows, in_features),
+        out_features,
+        lambda: _block_rows(plan, input.element_size()),
+        lambda x: chain(x, cores, ins, bias),
+    )
     return out.reshape(*leading, out_features)
-
-
-_BLOCK_BYTES = 1 << 20
-"""The core chains run on blocks of rows (at least 64) whose widest intermediate fits in
-this many bytes (about a core's L2 cache); see
-:data:`factorized_layers.functional.tucker._CHUNK_BYTES`. On 2 CPU threads, 384 -> 1536
-as (16, 24) -> (48, 32) with rank 16, last core first: 0.24x / 0.32x dense at batch
-1024 / 4096 in one piece, 0.60x / 0.70x in blocks of 64 rows (medians of 7
-interleaved rounds; weight first ran at 0.95x / 1.01x there)."""
 
 
 @functools.lru_cache(maxsize=512)
 def _block_rows(plan: TTPlan, element_size: int) -> int:
-    """A power of two of rows whose widest intermediate fits :data:`_BLOCK_BYTES`."""
+    """Rows per block of the core chains (:func:`._blocks.block_rows`)."""
     outs, ins, ranks = plan.out_shape, plan.in_shape, (1, *plan.ranks, 1)
     modes = range(len(outs) + 1)
     widest = max(
         max(math.prod(ins[:k]) * math.prod(outs[k:]) * ranks[k] for k in modes),
         max(math.prod(ins[k:]) * math.prod(outs[:k]) * ranks[k] for k in modes),
     )
-    rows = max(_BLOCK_BYTES // (widest * element_size), 64)
-    return 1 << (rows.bit_length() - 1)
+    return block_rows(widest, element_size)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..contract import contraction_path, shape_free_schedule
 from ..schedule import choose_schedule, measuring
+from ._blocks import block_rows, in_row_blocks
 
 __all__ = [
     "TuckerPlan",
@@ -473,7 +474,7 @@ def tucker_linear_schedule(plan: TuckerPlan, batch: int) -> str:
 
     ``"chain"`` (one mode per side: ``U G V^T`` as chained ``F.linear``), else
     ``"in_place"`` for few rows, ``"rotation"`` (in blocks of rows, see
-    :data:`_CHUNK_BYTES`); ``"weight_first"`` where :func:`tucker_linear_input_first`
+    :mod:`._blocks`); ``"weight_first"`` where :func:`tucker_linear_input_first`
     says so.
 
     Examples:
@@ -491,42 +492,26 @@ def tucker_linear_schedule(plan: TuckerPlan, batch: int) -> str:
     return "rotation"
 
 
-_CHUNK_BYTES = 1 << 20
-"""Rows of the rotation chain run in blocks whose widest intermediate fits in this many
-bytes (about a core's L2 cache), so its thin GEMMs read and write cached memory.
-
-On 2 CPU threads, 384 -> 1536 with ranks (12, 9, 7 | 8, 8, 6): unchunked 0.76x dense at
-batch 1024 and 1.12x at 4096 (0.60--0.95x in other runs), in blocks of 128 rows 1.18x
-and 1.19x; blocks of 32--256 rows were within 5% of each other, 512 fell back to
-0.66--0.97x."""
-
-
 def _chunked_rotation_chain(
     input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias
 ):
-    """:func:`_rotation_chain` on blocks of rows sized by :data:`_CHUNK_BYTES`."""
-    # Compiled graphs get one piece (the compiler plans memory; lru_cache is not traced).
-    if shape_free_schedule() or torch.compiler.is_compiling():
-        return _rotation_chain(input, batch, plan, core, out_factors, in_factors, bias)
-    rows = _chunk_rows(plan, input.element_size())
-    if batch < 2 * rows:
-        return _rotation_chain(input, batch, plan, core, out_factors, in_factors, bias)
-    flat = input.reshape(batch, plan.in_features)
-    output = flat.new_empty(batch, plan.out_features)
-    for start in range(0, batch, rows):
-        block = flat[start : start + rows]
-        output[start : start + rows] = _rotation_chain(
-            block, block.shape[0], plan, core, out_factors, in_factors, bias
-        )
+    """:func:`_rotation_chain` on blocks of rows that stay in cache (see :mod:`._blocks`)."""
+    output = in_row_blocks(
+        input.reshape(batch, plan.in_features),
+        plan.out_features,
+        lambda: _chunk_rows(plan, input.element_size()),
+        lambda rows: _rotation_chain(
+            rows, rows.shape[0], plan, core, out_factors, in_factors, bias
+        ),
+    )
     return output.reshape(*input.shape[:-1], plan.out_features)
 
 
 @functools.lru_cache(maxsize=512)
 def _chunk_rows(plan: TuckerPlan, element_size: int) -> int:
-    """A power of two of rows whose widest chain intermediate fits :data:`_CHUNK_BYTES`."""
+    """Rows per block of the rotation chain (:func:`._blocks.block_rows`)."""
     widest = max(plan.in_features, plan.out_features, plan.rows, plan.columns)
-    rows = max(_CHUNK_BYTES // (widest * element_size), 64)
-    return 1 << (rows.bit_length() - 1)
+    return block_rows(widest, element_size)
 
 
 def _weight_first(input, batch: int, plan: TuckerPlan, core, out_factors, in_factors, bias):
