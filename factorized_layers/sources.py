@@ -40,11 +40,14 @@ class SourceAdapter:
         input_statistics: Whether :func:`~factorized_layers.calibrate.calibrate` can
             collect an input Gram for the type (not for a lookup, whose inputs are
             indices).
+        float_input: Whether inputs are floating point in the layer's dtype (not
+            indices).
     """
 
     module_type: type = nn.Module
     exact_output_error: bool = False
     input_statistics: bool = True
+    float_input: bool = True
 
     def check(self, module: nn.Module, layer_name: str) -> None:
         """Raise ``TypeError`` unless ``module`` is of :attr:`module_type`."""
@@ -65,9 +68,6 @@ class SourceAdapter:
     def input_fits(self, module: nn.Module, input: torch.Tensor) -> bool:
         """Whether ``input``'s shape (and, for indices, values) fit ``module``."""
         raise NotImplementedError
-
-    float_input: bool = True
-    """Whether inputs are floating point in the layer's dtype (not indices)."""
 
     def dense_flops(self, module: nn.Module) -> int:
         """Multiply-accumulates of the dense module per output position."""

@@ -22,6 +22,7 @@ from .auto import (
     choose_families,
     input_shapes,
     no_candidate_reason,
+    timing_layer,
 )
 from .plan import (
     _build,
@@ -42,7 +43,6 @@ from .ties import factor_ties, tied_groups
 from .walk import (
     _check_patterns,
     _collect_targets,
-    _meta_twin,
     _parents,
     _progress,
     _read_by_parent,
@@ -238,6 +238,13 @@ def factorize_(
             and all(capabilities_of(layer_cls).calibration for _, _, layer_cls in targets)
         )
     config = _check_sequential(sequential, calibration)
+    if not isinstance(streaming, bool):
+        raise TypeError(f"streaming must be a bool, got {type(streaming).__name__}")
+    if streaming and (auto or config is not None):
+        raise ValueError(
+            "streaming=True converts in one pass layer by layer: not with layers='auto' "
+            "or sequential calibration (pass sequential=False)"
+        )
     if config is not None and auto:
         raise ValueError("layers='auto' converts in one pass: pass sequential=False")
     if config is not None and followers:
@@ -257,13 +264,6 @@ def factorize_(
         )
     )
     speed_floor = None if allow_slower else min_speedup
-    if not isinstance(streaming, bool):
-        raise TypeError(f"streaming must be a bool, got {type(streaming).__name__}")
-    if streaming and (auto or config is not None):
-        raise ValueError(
-            "streaming=True converts in one pass layer by layer: not with layers='auto' "
-            "or sequential calibration (pass sequential=False)"
-        )
     if auto:
         return _convert_auto(
             model, targets, targets_to_rank, skips, followers, rank, stats, options,
@@ -383,20 +383,13 @@ def _guard_speed(
     example_inputs: Iterable[Any],
     min_speedup: float,
 ) -> None:
-    """Time every planned layer at its example input; keep dense those below ``min_speedup``.
-
-    The layer is built from its meta plan's structure with fresh values (speed does
-    not depend on them) on the dense layer's device and dtype.
-    """
+    """Time every planned layer at its example input; keep dense those below ``min_speedup``."""
     planned = [p for p in plans if p[5].skipped is None and p[0] not in followers]
     shapes = input_shapes(model, [p[0] for p in planned], example_inputs)
     for fqn, module, layer_cls, spec, layer_options, row in planned:
         if fqn not in shapes or source_for(module).dense_flops(module) == 0:
             continue
-        structural = {k: v for k, v in layer_options.items() if k != "calibration"}
-        shell = layer_cls.from_dense(_meta_twin(module), spec, **structural)
-        weight = module.weight
-        layer = layer_cls.from_config(shell.get_config(), device=weight.device, dtype=weight.dtype)
+        layer = timing_layer(layer_cls, module, spec, layer_options)
         row.speedup = _speedup(module, layer, shapes[fqn])
         if row.speedup < min_speedup:
             row.skipped = (

@@ -51,6 +51,7 @@ __all__ = [
     "choose_families",
     "input_shapes",
     "no_candidate_reason",
+    "timing_layer",
 ]
 
 AUTO = "auto"
@@ -356,9 +357,17 @@ def _shell(
     layer_cls: type, module: nn.Module, rank: Any, profile: RankProfile, options: Mapping[str, Any]
 ) -> nn.Module:
     """A freshly initialised ``layer_cls`` of the structure ``rank`` gives it (for timing)."""
+    return timing_layer(layer_cls, module, select_rank(rank, profile), options)
+
+
+def timing_layer(
+    layer_cls: type, module: nn.Module, spec: Any, options: Mapping[str, Any]
+) -> nn.Module:
+    """A freshly initialised ``layer_cls`` of the structure ``spec`` gives it for
+    ``module``, on its device and dtype: speed does not depend on the values, so no
+    decomposition is computed."""
     from .walk import _meta_twin
 
-    spec = select_rank(rank, profile)
     structural = {k: v for k, v in options.items() if k != "calibration"}
     shell = layer_cls.from_dense(_meta_twin(module), spec, **structural)
     weight = module.weight

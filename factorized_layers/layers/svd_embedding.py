@@ -114,10 +114,7 @@ class SVDEmbedding(FactorizedLayer):
 
     @names_bad_input
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dtype not in (torch.long, torch.int):
-            raise TypeError(
-                f"SVDEmbedding expects torch.long or torch.int indices, got {input.dtype}"
-            )
+        # Non-integer indices fail in F.embedding; names_bad_input reports them.
         rows = F.embedding(
             input,
             fast_parameter(self, "row_factor"),
