@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .convert.walk import _parents, _swap_all
+from .decompose._common import all_finite
 from .functional.int8 import dequantize_rows, quantize_rows
 from .registry import registered_layers
 
@@ -260,7 +261,7 @@ def quantize_(
         targets.append((name, module))
     for name, module in targets:
         for factor_name in _factor_names(module):
-            if not torch.isfinite(getattr(module, factor_name)).all():
+            if not all_finite(getattr(module, factor_name)):
                 raise ValueError(f"layer {name!r}: factor {factor_name!r} holds NaN or Inf")
     if mode == "int8_dynamic" and any(name == "" for name, _ in targets):
         raise ValueError(

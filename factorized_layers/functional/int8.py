@@ -15,6 +15,7 @@ from typing import Tuple
 
 import torch
 
+from ..decompose._common import all_finite
 from .svd import check_linear_input
 
 __all__ = ["INT8_MAX", "dequantize_rows", "int8_linear", "quantize_rows"]
@@ -60,7 +61,7 @@ def quantize_rows(tensor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             f"{tuple(tensor.shape)}"
         )
     data = tensor.detach().float()
-    if not torch.isfinite(data).all():
+    if not all_finite(data):
         raise ValueError("cannot quantize a tensor that holds NaN or Inf")
     peak = data.abs().amax(dim=tuple(range(1, data.dim())), keepdim=True)
     scale = (peak / INT8_MAX).clamp_min(_TINY)
